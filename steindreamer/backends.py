@@ -1,0 +1,55 @@
+"""The one place that picks accelerated libraries. Every part has a pure-PyTorch path that runs on
+CPU and CUDA; tinycudann (hash grid), nerfacc (occupancy grid, packed volume rendering) and
+nvdiffrast (rasteriser) are optional CUDA backends, used only when importable and on CUDA.
+
+`STEINDREAMER_BACKEND=torch` forces the pure-PyTorch path everywhere (parity tests, debugging).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+
+@functools.cache
+def _importable(name: str) -> bool:
+    # nerfacc JIT-builds CUDA code on first use and, on CPU, leaves a broken cache behind:
+    # only ever try it when CUDA is present.
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+
+
+def _forced_torch() -> bool:
+    return os.environ.get("STEINDREAMER_BACKEND", "").lower() == "torch"
+
+
+def _pick(device: torch.device | str, library: str, requested: str = "auto") -> str:
+    device = torch.device(device)
+    if requested == "torch" or _forced_torch():
+        return "torch"
+    available = device.type == "cuda" and _importable(library)
+    if requested == library and not available:
+        raise RuntimeError(f"backend '{library}' requested but not importable with CUDA on this machine")
+    return library if available else "torch"
+
+
+def hashgrid_backend(device, requested: str = "auto") -> str:
+    """'tcnn' or 'torch'."""
+    return "tcnn" if _pick(device, "tinycudann", "tinycudann" if requested == "tcnn" else requested) == "tinycudann" else "torch"
+
+
+def volume_backend(device, requested: str = "auto") -> str:
+    """'nerfacc' or 'torch'."""
+    return _pick(device, "nerfacc", requested)
+
+
+def raster_backend(device, requested: str = "auto") -> str:
+    """'nvdiffrast' or 'torch'."""
+    return _pick(device, "nvdiffrast", requested)

@@ -1,0 +1,124 @@
+"""Multiresolution hash-grid encoding (Instant-NGP), pure PyTorch, with tinycudann as an optional
+CUDA backend behind the same interface (picked in `steindreamer.backends`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backends import hashgrid_backend
+
+# Instant-NGP's spatial-hash primes (the first is 1 so the x coordinate stays coherent in memory).
+_PRIMES = (1, 2654435761, 805459861)
+
+
+@dataclass
+class HashGridConfig:
+    levels: int = 16
+    features: int = 2  # per level
+    log2_table: int = 19  # hash table size per level = 2^log2_table
+    base_res: int = 16
+    max_res: int = 2048
+    backend: str = "auto"  # auto | torch | tcnn
+
+
+def level_resolutions(cfg: HashGridConfig) -> list[int]:
+    if cfg.levels == 1:
+        return [cfg.base_res]
+    growth = math.exp((math.log(cfg.max_res) - math.log(cfg.base_res)) / (cfg.levels - 1))
+    return [int(math.floor(cfg.base_res * growth**level + 1e-6)) for level in range(cfg.levels)]  # 1e-6: exact powers stay exact
+
+
+class HashGridEncoding(nn.Module):
+    """Maps points in [-bound, bound]^3 to [N, levels * features] features.
+
+    Coarse levels whose (res + 1)^3 vertices fit in the table are indexed densely (no collisions);
+    finer levels use the spatial hash, where distinct vertices may share an entry by design.
+    """
+
+    def __init__(self, cfg: HashGridConfig, bound: float = 1.0):
+        super().__init__()
+        self.cfg, self.bound = cfg, bound
+        self.out_dim = cfg.levels * cfg.features
+        self.resolutions = level_resolutions(cfg)
+        table = 2**cfg.log2_table
+        sizes = [min(table, (r + 1) ** 3) for r in self.resolutions]
+        self.register_buffer("res", torch.tensor(self.resolutions, dtype=torch.long), persistent=False)
+        self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
+        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0), persistent=False)
+        self.register_buffer("hashed", torch.tensor([(r + 1) ** 3 > table for r in self.resolutions]), persistent=False)
+        self.table = nn.Parameter(torch.empty(sum(sizes), cfg.features).uniform_(-1e-4, 1e-4))
+        corners = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long)
+        self.register_buffer("corners", corners, persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x / self.bound) * 0.5 + 0.5).clamp(0.0, 1.0)
+
+    def vertex_index(self, vertex: torch.Tensor) -> torch.Tensor:
+        """Table row (within its level, before the level offset) of integer grid vertices [N, L, K, 3]."""
+        view = lambda t: t.view(-1, 1)  # noqa: E731 - per-level values broadcast over [N, L, K]
+        res1 = view(self.res + 1)
+        dense = vertex[..., 0] + vertex[..., 1] * res1 + vertex[..., 2] * res1 * res1
+        # int64 products keep the low 32 bits of Instant-NGP's uint32 hash; the table size is a power of 2.
+        h = (vertex[..., 0] * _PRIMES[0]) ^ (vertex[..., 1] * _PRIMES[1]) ^ (vertex[..., 2] * _PRIMES[2])
+        return torch.where(view(self.hashed), h, dense) % view(self.sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        u = self.normalize(x.reshape(-1, 3))  # [N, 3] in [0, 1]
+        res = self.res.view(1, -1)
+        pos = u[:, None, :] * res[..., None].to(u.dtype)  # [N, L, 3]
+        base = pos.floor().long().clamp(max=res[..., None] - 1)
+        frac = pos - base.to(pos.dtype)
+        # Per axis, the two grid coordinates (base, base + 1) and their linear weights [N, L, 3, 2];
+        # the 8 corners are their outer combination, which is cheaper than expanding corners first.
+        coord = torch.stack([base, base + 1], -1)
+        wts = torch.stack([1 - frac, frac], -1)
+        cx, cy, cz = coord.unbind(2)
+        hashed = self.hashed.view(1, -1, 1, 1, 1)
+        res1 = (res + 1).view(1, -1, 1, 1, 1)
+        dense = cx[..., :, None, None] + cy[..., None, :, None] * res1 + cz[..., None, None, :] * res1 * res1
+        # int64 products keep the low 32 bits of Instant-NGP's uint32 hash; the table size is a power of 2.
+        h = (cx * _PRIMES[0])[..., :, None, None] ^ (cy * _PRIMES[1])[..., None, :, None] ^ (cz * _PRIMES[2])[..., None, None, :]
+        rows = torch.where(hashed, h, dense) % self.sizes.view(1, -1, 1, 1, 1) + self.offsets.view(1, -1, 1, 1, 1)
+        wx, wy, wz = wts.unbind(2)
+        w = wx[..., :, None, None] * wy[..., None, :, None] * wz[..., None, None, :]  # [N, L, 2, 2, 2]
+        feats = nn.functional.embedding(rows.reshape(rows.shape[0], -1), self.table)  # [N, L*8, F]
+        out = (w.reshape(w.shape[0], -1, 1) * feats).reshape(w.shape[0], w.shape[1], 8, -1).sum(2)  # [N, L, F]
+        return out.reshape(*shape, self.out_dim)
+
+
+class TcnnHashGridEncoding(nn.Module):
+    """tinycudann's fused HashGrid with the same config and interface (CUDA only)."""
+
+    def __init__(self, cfg: HashGridConfig, bound: float = 1.0):
+        super().__init__()
+        import tinycudann as tcnn  # optional dependency, only imported when chosen
+
+        res = level_resolutions(cfg)
+        growth = (res[-1] / res[0]) ** (1 / max(cfg.levels - 1, 1))
+        self.encoding = tcnn.Encoding(
+            3,
+            {
+                "otype": "HashGrid",
+                "n_levels": cfg.levels,
+                "n_features_per_level": cfg.features,
+                "log2_hashmap_size": cfg.log2_table,
+                "base_resolution": cfg.base_res,
+                "per_level_scale": growth,
+            },
+        )
+        self.bound, self.out_dim = bound, cfg.levels * cfg.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        u = ((x.reshape(-1, 3) / self.bound) * 0.5 + 0.5).clamp(0.0, 1.0)
+        return self.encoding(u).float().reshape(*shape, self.out_dim)
+
+
+def make_hashgrid(cfg: HashGridConfig, bound: float, device) -> nn.Module:
+    if hashgrid_backend(device, cfg.backend) == "tcnn":
+        return TcnnHashGridEncoding(cfg, bound)
+    return HashGridEncoding(cfg, bound)

@@ -1,0 +1,62 @@
+"""Atomic file writes and safe run-folder names.
+
+Every file a run produces (checkpoints, configs, assets) goes through `atomic_write`: write to a
+temporary file in the same folder, fsync, then rename over the target, so a crash at any moment
+leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+    """Run `writer(tmp_path)` (e.g. safetensors' save_file, trimesh export) and move the result into place."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def slugify(text: str, max_len: int = 60) -> str:
+    """A folder-safe name: ASCII letters, digits and '-', no separators or dots, bounded length."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    text = text[:max_len].rstrip("-")
+    return text or "prompt"

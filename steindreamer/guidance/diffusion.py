@@ -1,0 +1,204 @@
+"""Loads any Stable-Diffusion-family text-to-image model (diffusers folder layout: unet, text_encoder,
+tokenizer, scheduler, optional vae) from a local folder, a hub id or the built-in model, and exposes
+what distillation needs: cached text embeddings, image <-> model space, noising and one CFG call.
+
+A folder without `vae/` is a pixel-space model: the UNet sees the image itself in [-1, 1].
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..fsio import atomic_save
+from .engines import cfg_combine
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(name: str, kind: str = "diffusion") -> str:
+    """A loadable location for `name`: the built-in model, an existing folder, or a hub id."""
+    name = name.strip()
+    if name == "builtin":
+        path = BUILTIN_DIR / kind
+        if not (path / "config.json").exists() and not (path / "model_index.json").exists():
+            raise UserError(f"the built-in {kind} model is not installed at {path}; train it with scripts/train_builtin.py")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if path.exists():
+        raise UserError(f"model path is not a folder: {name}")
+    if not _HUB_ID.match(name):  # anything that is not "org/name" was meant as a folder
+        raise UserError(f"model folder not found: {name}")
+    return name  # hub id "org/name"; from_pretrained reports if it cannot be fetched
+
+
+def _cache_dir(configured: str) -> Path:
+    return Path(configured or os.environ.get("STEINDREAMER_CACHE") or Path.home() / ".cache" / "steindreamer")
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={requested} but CUDA is not available")
+    return torch.device(requested)
+
+
+class DiffusionGuidance:
+    """A frozen text-to-image diffusion model used as a score function."""
+
+    def __init__(self, model: str, device: torch.device, half_precision: bool = True, cache_dir: str = ""):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        self.location = resolve_model(model, "diffusion")
+        self.is_builtin = model.strip() == "builtin"
+        self.device = device
+        self.dtype = torch.float16 if (device.type == "cuda" and half_precision) else torch.float32
+        try:
+            index = self._model_index()
+            self.tokenizer = _load_tokenizer(self.location)
+            self.text_encoder = _load_text_encoder(self.location, index).to(device, self.dtype).eval()
+            self.unet = UNet2DConditionModel.from_pretrained(self.location, subfolder="unet", torch_dtype=self.dtype).to(device).eval()
+            self.scheduler = DDPMScheduler.from_pretrained(self.location, subfolder="scheduler")
+            self.vae = None
+            if index.get("vae", [None])[0] is not None or (Path(self.location) / "vae").is_dir():
+                self.vae = AutoencoderKL.from_pretrained(self.location, subfolder="vae", torch_dtype=self.dtype).to(device).eval()
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any load failure is the user's folder or id
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot load diffusion model '{model}': {first}") from None
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.requires_grad_(False)
+        self.prediction_type = self.scheduler.config.prediction_type
+        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.sample_size = int(self.unet.config.sample_size)
+        self.image_size = self.sample_size * self.vae_scale  # the resolution the model works at
+        self.cache_dir = _cache_dir(cache_dir) / "text_emb"
+        self._emb: dict[str, torch.Tensor] = {}
+
+    def _model_index(self) -> dict:
+        path = Path(self.location) / "model_index.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        if Path(self.location).exists() and not (Path(self.location) / "unet").is_dir():
+            raise UserError(f"not a diffusers text-to-image folder (no model_index.json or unet/): {self.location}")
+        return {}
+
+    # --- text -------------------------------------------------------------------------------------
+    def _cache_key(self, prompt: str) -> str:
+        ident = self.location
+        weights = Path(self.location) / "text_encoder"
+        if weights.is_dir():  # a local folder: its weights' sizes and times identify it
+            ident += "".join(f"{p.name}{p.stat().st_size}{p.stat().st_mtime_ns}" for p in sorted(weights.iterdir()))
+        return hashlib.sha256(f"{ident}\0{prompt}".encode()).hexdigest()[:32]
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """[N, L, D] embeddings, computed once per prompt and cached in memory and on disk."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._emb]
+        for prompt in missing:
+            self._emb[prompt] = self._load_or_encode(prompt)
+        return torch.stack([self._emb[p] for p in prompts]).to(self.device, self.dtype)
+
+    def _load_or_encode(self, prompt: str) -> torch.Tensor:
+        from safetensors.torch import load_file, save_file
+
+        path = self.cache_dir / f"{self._cache_key(prompt)}.safetensors"
+        if path.exists():
+            try:
+                return load_file(str(path))["emb"]
+            except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
+                pass
+        tokens = self.tokenizer([prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            emb = self.text_encoder(tokens.input_ids.to(self.device))[0][0].float().cpu().contiguous()
+        try:
+            atomic_save(path, lambda tmp: save_file({"emb": emb}, str(tmp)))
+        except OSError:
+            pass  # the cache is an optimisation; an unwritable cache folder is not an error
+        return emb
+
+    # --- images -----------------------------------------------------------------------------------
+    def encode(self, rgb: torch.Tensor) -> torch.Tensor:
+        """Rendered images [B, 3, H, W] in [0, 1] -> the model's input space (latents or [-1, 1] pixels),
+        differentiably. Images are resized to the model's working resolution."""
+        x = rgb.to(self.dtype)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = x * 2.0 - 1.0
+        if self.vae is None:
+            return x
+        # The posterior mean, not a sample: the encoder's noise only adds variance to G.
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1] (identity for pixel models)."""
+        if self.vae is None:
+            return z
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+
+    # --- noise --------------------------------------------------------------------------------------
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.alphas_cumprod[t]
+        return abar.sqrt(), (1.0 - abar).sqrt()
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self.alpha_sigma(t)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return (a.view(shape) * x.float() + s.view(shape) * noise.float()).to(x.dtype)
+
+    def weight(self, t: torch.Tensor, weighting: str = "sigma2") -> torch.Tensor:
+        return (1.0 - self.alphas_cumprod[t]) if weighting == "sigma2" else torch.ones_like(t, dtype=torch.float32)
+
+    def unet_eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        """One UNet call, converted to an epsilon prediction whatever the model predicts."""
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=emb, **unet_kwargs).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        if self.prediction_type == "v_prediction":  # eps = alpha v + sigma x_t
+            a, s = self.alpha_sigma(t)
+            shape = (-1,) + (1,) * (x_t.dim() - 1)
+            return a.view(shape) * out + s.view(shape) * x_t.float()
+        raise UserError(f"unsupported prediction_type '{self.prediction_type}' (epsilon or v_prediction)")
+
+    @torch.no_grad()
+    def predict_eps_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """CFG noise prediction with conditional and unconditional halves in one batched UNet call."""
+        b = x_t.shape[0]
+        eps = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)]))
+        eps_c, eps_u = eps[:b], eps[b:]
+        return cfg_combine(eps_u, eps_c, scale)
+
+    def sample_t(self, batch: int, t_min: float, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        lo = max(int(t_min * self.num_train_timesteps), 0)
+        hi = min(int(t_max * self.num_train_timesteps), self.num_train_timesteps - 1)
+        return torch.randint(lo, hi + 1, (batch,), generator=generator).to(self.device)
+
+
+def _load_tokenizer(location: str):
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, subfolder="tokenizer")
+    except Exception:  # noqa: BLE001 - older folders only carry CLIP vocab/merges files
+        return CLIPTokenizer.from_pretrained(location, subfolder="tokenizer")
+
+
+def _load_text_encoder(location: str, index: dict):
+    import transformers
+
+    cls_name = (index.get("text_encoder") or ["transformers", "CLIPTextModel"])[1]
+    cls = getattr(transformers, cls_name, None) or transformers.CLIPTextModel
+    return cls.from_pretrained(location, subfolder="text_encoder")

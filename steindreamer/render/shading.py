@@ -1,0 +1,40 @@
+"""Per-sample shading modes sampled each step (DreamFusion): albedo only, Lambertian under a
+random light, or textureless (white albedo, shading only) which forces geometry to explain the image."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("albedo", "lambertian", "textureless")
+
+
+@dataclass
+class ShadingConfig:
+    albedo_steps: int = 1000  # albedo only before this step
+    lambertian_p: float = 0.75  # afterwards, probability that a step is shaded at all
+    textureless_p: float = 0.5  # of the shaded steps, probability of textureless
+    ambient: float = 0.1
+    light_jitter: float = 0.5  # std of the light position around the camera (relative to its distance)
+
+
+def shade(albedo: torch.Tensor, normals: torch.Tensor | None, light_dir: torch.Tensor | None, mode: str, ambient: float) -> torch.Tensor:
+    if mode == "albedo":
+        return albedo
+    diffuse = (normals * light_dir).sum(-1, keepdim=True).clamp(min=0.0)
+    lum = ambient + (1.0 - ambient) * diffuse
+    return lum.expand_as(albedo) if mode == "textureless" else albedo * lum
+
+
+def sample_mode(cfg: ShadingConfig, step: int, generator: torch.Generator | None = None) -> str:
+    u = torch.rand(2, generator=generator)
+    if step < cfg.albedo_steps or float(u[0]) >= cfg.lambertian_p:
+        return "albedo"
+    return "textureless" if float(u[1]) < cfg.textureless_p else "lambertian"
+
+
+def sample_light(camera_positions: torch.Tensor, cfg: ShadingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unit directions towards a point light placed near each camera [B, 3]."""
+    dist = camera_positions.norm(dim=-1, keepdim=True)
+    noise = torch.randn(camera_positions.shape, generator=generator).to(camera_positions) * cfg.light_jitter * dist
+    return torch.nn.functional.normalize(camera_positions + noise, dim=-1)

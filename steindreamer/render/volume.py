@@ -1,0 +1,134 @@
+"""Volume rendering as small functions over tensors (nerfacc's style): samples inside the scene
+sphere, weights from densities, accumulation along rays. `render_views` ties them to a field.
+
+Output of every renderer in steindreamer (NeRF here, mesh in `field/mesh.py`) is a dict of
+[B, H, W, C] tensors: rgb (composited over the background), opacity, depth (expected distance along
+the ray, 0 where empty), disparity (1 / depth, 0 where empty) and, when asked for, normal (world
+space, unit, 0 where empty)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import volume_backend
+from ..cameras import Cameras
+from .shading import shade
+
+
+@dataclass
+class RenderConfig:
+    resolution: int = 64  # render size (square)
+    samples: int = 64  # stratified samples per ray
+    chunk: int = 8192  # rays per chunk when rendering without gradients
+    backend: str = "auto"  # auto | torch | nerfacc
+
+
+def ray_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of unit-direction rays through the sphere |x| = radius (equal where missed)."""
+    b = (origins * dirs).sum(-1)
+    c = (origins * origins).sum(-1) - radius**2
+    disc = (b * b - c).clamp(min=0.0)
+    root = disc.sqrt()
+    near = (-b - root).clamp(min=0.0)
+    far = (-b + root).clamp(min=0.0)
+    far = torch.where(b * b - c > 0, far, near)
+    return near, far
+
+
+def stratified_samples(near: torch.Tensor, far: torch.Tensor, n: int, generator: torch.Generator | None = None, perturb: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval starts and ends [R, n] splitting [near, far] into n bins, one jittered sample each."""
+    edges = torch.linspace(0.0, 1.0, n + 1, device=near.device, dtype=near.dtype)
+    span = (far - near)[:, None]
+    t_edges = near[:, None] + span * edges
+    if perturb:
+        # The training generator lives on the CPU (one RNG stream for determinism and resume).
+        u = torch.rand(near.shape[0], n, generator=generator, dtype=near.dtype).to(near.device)
+        mid = t_edges[:, :-1] + u * (span / n)
+    else:
+        mid = 0.5 * (t_edges[:, :-1] + t_edges[:, 1:])
+    # Intervals around the jittered points keep their lengths summing to far - near.
+    bounds = torch.cat([near[:, None], 0.5 * (mid[:, 1:] + mid[:, :-1]), far[:, None]], -1)
+    return bounds[:, :-1], bounds[:, 1:]
+
+
+def render_weights(sigmas: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """w_i = T_i (1 - exp(-sigma_i delta_i)), T_i the transmittance before interval i. [R, S]."""
+    if backend == "nerfacc":
+        import nerfacc  # CUDA backend, chosen in steindreamer.backends
+
+        return nerfacc.render_weight_from_density(t_starts, t_ends, sigmas)[0]
+    tau = sigmas * (t_ends - t_starts)
+    alpha = 1.0 - torch.exp(-tau)
+    trans = torch.exp(-torch.cumsum(torch.cat([torch.zeros_like(tau[:, :1]), tau[:, :-1]], -1), -1))
+    return trans * alpha
+
+
+def accumulate(weights: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum along each ray: opacity when values is None, else the weighted sum [R, C]."""
+    if values is None:
+        return weights.sum(-1, keepdim=True)
+    return (weights[..., None] * values).sum(-2)
+
+
+def density_normals(field, points: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Density, albedo and normals n = -grad(sigma)/|grad(sigma)| at points."""
+    with torch.enable_grad():
+        pts = points if points.requires_grad else points.detach().requires_grad_(True)
+        sigma, albedo = field(pts)
+        grad = torch.autograd.grad(sigma.sum(), pts, create_graph=create_graph)[0]
+    normals = -torch.nn.functional.normalize(grad, dim=-1, eps=1e-8)
+    return sigma, albedo, normals
+
+
+def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading: str = "albedo", light_dir=None,
+                need_normals: bool = False, generator=None, perturb: bool = True, ambient: float = 0.1) -> dict:
+    """Render R rays. origins/dirs [R, 3], background_rgb [R, 3], light_dir [R, 3] (for shading)."""
+    backend = volume_backend(origins.device, cfg.backend)
+    near, far = ray_sphere(origins, dirs, field.cfg.bound)
+    t0, t1 = stratified_samples(near, far, cfg.samples, generator, perturb)
+    t_mid = 0.5 * (t0 + t1)
+    points = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]  # [R, S, 3]
+    normals = None
+    if need_normals or shading != "albedo":
+        sigma, albedo, normals = density_normals(field, points, create_graph=torch.is_grad_enabled())
+    else:
+        sigma, albedo = field(points)
+    weights = render_weights(sigma, t0, t1, backend)
+    color = shade(albedo, normals, light_dir[:, None, :].expand_as(points) if light_dir is not None else None, shading, ambient)
+    opacity = accumulate(weights)
+    rgb = accumulate(weights, color) + (1.0 - opacity) * background_rgb
+    depth_sum = accumulate(weights, t_mid[..., None])
+    hit = opacity > 1e-4
+    depth = torch.where(hit, depth_sum / opacity.clamp(min=1e-4), torch.zeros_like(depth_sum))
+    disparity = torch.where(hit & (depth > 1e-6), 1.0 / depth.clamp(min=1e-6), torch.zeros_like(depth))
+    out = {"rgb": rgb, "opacity": opacity, "depth": depth, "disparity": disparity, "weights": weights}
+    if normals is not None:
+        out["normal"] = torch.nn.functional.normalize(accumulate(weights, normals), dim=-1, eps=1e-8)
+    return out
+
+
+def render_views(field, background, cameras: Cameras, cfg: RenderConfig, height: int | None = None, *,
+                 shading: str = "albedo", light_dir: torch.Tensor | None = None, bg_color: torch.Tensor | None = None,
+                 need_normals: bool = False, generator=None, perturb: bool = True, ambient: float = 0.1) -> dict:
+    """Render B views to [B, H, W, C] maps. bg_color [B, 3] replaces the background model when given
+    (random solid backgrounds); light_dir [B, 3] lights each view. Without gradients, rays go in chunks."""
+    h = w = height or cfg.resolution
+    origins, dirs = cameras.rays(h, w)
+    b = origins.shape[0]
+    o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+    bg = bg_color[:, None, None, :].expand(b, h, w, 3).reshape(-1, 3) if bg_color is not None else background(d)
+    light = light_dir[:, None, None, :].expand(b, h, w, 3).reshape(-1, 3) if light_dir is not None else None
+    kw = dict(shading=shading, need_normals=need_normals, generator=generator, perturb=perturb, ambient=ambient)
+    if torch.is_grad_enabled():
+        parts = [render_rays(field, o, d, bg, cfg, light_dir=light, **kw)]
+    else:
+        parts = [render_rays(field, o[i:i + cfg.chunk], d[i:i + cfg.chunk], bg[i:i + cfg.chunk], cfg,
+                             light_dir=None if light is None else light[i:i + cfg.chunk], **kw)
+                 for i in range(0, o.shape[0], cfg.chunk)]
+    out = {}
+    for key in parts[0]:
+        if key == "weights":
+            continue
+        out[key] = torch.cat([p[key] for p in parts]).reshape(b, h, w, -1)
+    return out

@@ -1,0 +1,45 @@
+"""Tiny random Stable Diffusion pipelines built from configs, saved with save_pretrained, for tests
+(no downloads). One latent-space (tiny VAE, factor 2) and one pixel-space (no vae/)."""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+
+def tiny_tokenizer(max_length: int = 32):
+    from transformers import CLIPTokenizer
+
+    # Character-level BPE vocabulary (no merges): every ASCII prompt tokenizes, offline.
+    # transformers 5 ignores vocab_file=/merges_file= here; vocab=/merges= work (NOTES.md).
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits + ",.-'":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return tok, len(vocab)
+
+
+def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer, vocab_size = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                num_hidden_layers=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    channels = 4 if latent else 3
+    unet = UNet2DConditionModel(sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+    vae = None
+    if latent:
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              steps_offset=1, clip_sample=False, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return Path(folder)

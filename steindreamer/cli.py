@@ -63,7 +63,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 def cmd_generate(args) -> int:
     from .config import from_yaml_text, load_config, to_yaml
     from .fsio import atomic_write
-    from .train import run_nerf_stage
+    from .pipeline import generate
 
     if not args.prompt.strip():
         raise UserError("the prompt is empty")
@@ -90,8 +90,8 @@ def cmd_generate(args) -> int:
         (run_dir / "prompt.txt").write_text(args.prompt.strip() + "\n")
     except OSError as err:
         raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
-    result = run_nerf_stage(args.prompt, cfg, run_dir, resume=args.resume, show_progress=not args.quiet)
-    print(f"done: {result['step']} steps in {result['seconds']:.1f} s -> {run_dir}")
+    result = generate(args.prompt, cfg, run_dir, resume=args.resume, show_progress=not args.quiet)
+    print(f"done: {result['steps']} steps in {result['seconds']:.1f} s -> {run_dir}")
     return 0
 
 

@@ -51,7 +51,6 @@ class GuidanceConfig:
     lora_rank: int = 4
     lora_lr: float = 1e-4
     pose_drop_p: float = 0.1
-    f_divergence: str = "reverse_kl"  # reverse_kl (= VSD) | forward_kl | js
 
 
 @dataclass
@@ -68,6 +67,8 @@ class TrainConfig:
     lambda_opacity: float = 0.0  # sparsity: mean opacity
     lambda_entropy: float = 0.0  # binary entropy of opacity
     lambda_orient: float = 0.0  # normals facing away from the camera (needs normals)
+    variance_every: int = 50  # cheap variance meter every N steps (0: off)
+    variance_draws: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch, 0 = torch's default
 
@@ -162,6 +163,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1")
     _check(t.lr_grid > 0 and t.lr_mlp > 0, "train.lr_grid/lr_mlp", "> 0")
     _check(t.threads >= 0, "train.threads", ">= 0")
+    _check(t.variance_every >= 0 and t.variance_draws >= 2, "train.variance_every/variance_draws", ">= 0 and >= 2")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "auto, cpu, cuda or cuda:N")
     _check(r.resolution >= 8 and r.resolution % 8 == 0, "render.resolution", "a positive multiple of 8")
     _check(r.samples >= 2, "render.samples", ">= 2")
@@ -179,7 +181,6 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= g.mu_decay < 1.0, "guidance.mu_decay", "in [0, 1)")
     _check(g.lora_rank >= 1, "guidance.lora_rank", ">= 1")
     _check(0.0 <= g.pose_drop_p <= 1.0, "guidance.pose_drop_p", "in [0, 1]")
-    _check(g.f_divergence in ("reverse_kl", "forward_kl", "js"), "guidance.f_divergence", "one of reverse_kl, forward_kl, js")
     f = cfg.field
     _check(f.bound > 0 and f.blob_radius > 0, "field.bound/blob_radius", "> 0")
     _check(f.grid.levels >= 1 and f.grid.features >= 1, "field.grid.levels/features", ">= 1")

@@ -18,12 +18,18 @@ from .errors import UserError
 from .field.nerf import Background, NeRFField
 from .fsio import atomic_save, atomic_write
 from .guidance.diffusion import DiffusionGuidance, pick_device
-from .guidance.engines import injected_loss, sanitize, sds
+from .guidance.distill import Distiller
+from .guidance.engines import injected_loss
+from .plots import plot_run
 from .progress import StepProgress
 from .render.shading import sample_light, sample_mode
 from .render.volume import render_views
 
 CKPT_PREFIX = "step_"
+
+
+class StopTraining(Exception):
+    """Raised by a step callback to end the run cleanly (a checkpoint is written first)."""
 
 
 @dataclass
@@ -97,6 +103,7 @@ class NeRFStage:
             groups.append({"params": bg_params, "lr": t.lr_mlp, "name": "background"})
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
         self.step_index = 0
+        self.distiller = Distiller(cfg.guidance, guidance)
         self.uncond = guidance.text_embeddings([""])
         suffixes = VIEWS if cfg.guidance.view_dependent else ("",)
         self.prompts = {s: (view_prompt(prompt, s) if s else prompt) for s in suffixes}
@@ -119,7 +126,7 @@ class NeRFStage:
         bg_color = None
         if cfg.background.random_p > 0 and float(torch.rand(1, generator=gen)) < cfg.background.random_p:
             bg_color = torch.rand(len(cams), 3, generator=gen).to(self.device)
-        need_normals = cfg.train.lambda_orient > 0
+        need_normals = cfg.train.lambda_orient > 0 or self.distiller.needs_normals
         out = render_views(self.field, self.background, cams, cfg.render, shading=mode, light_dir=light, bg_color=bg_color,
                            need_normals=need_normals, generator=gen, ambient=cfg.shading.ambient)
         return out, cams
@@ -132,15 +139,14 @@ class NeRFStage:
         rgb = out["rgb"].permute(0, 3, 1, 2)
         x = self.guidance.encode(rgb)
         timings["render"] = time.perf_counter() - t0
-        b = x.shape[0]
-        t = self.guidance.sample_t(b, g.t_min, self.t_max(), self.generator)
-        noise = torch.randn(x.shape, generator=self.generator).to(x.device, torch.float32)
+        cond = self.text_for(cams)
         t1 = time.perf_counter()
-        with torch.no_grad():
-            x_t = self.guidance.add_noise(x.detach().float(), noise, t)
-            eps = self.guidance.predict_eps_cfg(x_t, t, self.text_for(cams), self.uncond, g.guidance_scale)
-        grad = sds(eps, noise, self.guidance.weight(t, g.weighting))
-        grad, finite = sanitize(grad, g.grad_clip)
+        t, noise = self.draw_noise(x)
+        grad, logs = self.distiller.gradient(x, out, cams, cond, self.uncond, t, noise, generator=self.generator)
+        finite = logs.pop("finite")
+        every = t_cfg.variance_every
+        if every > 0 and self.step_index % every == 0:
+            logs["variance"] = self.variance_estimate(x, out, cams, cond, t_cfg.variance_draws)
         timings["guidance"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         loss = injected_loss(x.float(), grad) + self.regularizers(out, cams)
@@ -153,8 +159,24 @@ class NeRFStage:
         self.optimizer.zero_grad(set_to_none=True)
         timings["backward"] = time.perf_counter() - t2
         self.step_index += 1
-        return {"loss": float(loss.detach()) if not skipped else float("nan"), "t": int(t[0]), "skipped": skipped,
+        return {"loss": float(loss.detach()) if not skipped else float("nan"), "t": int(t[0]), "skipped": skipped, **logs,
                 "grad_norm": float(grad.norm() / math.sqrt(grad.numel())), "opacity": float(out["opacity"].detach().mean()), **{f"time_{k}": v for k, v in timings.items()}}
+
+    def draw_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.guidance.sample_t(x.shape[0], self.cfg.guidance.t_min, self.t_max(), self.generator)
+        noise = torch.randn(x.shape, generator=self.generator).to(x.device, torch.float32)
+        return t, noise
+
+    def variance_estimate(self, x, out, cams, cond, draws: int) -> float:
+        """Cheap variance meter: mean per-element variance of G over a few extra (t, noise) draws at
+        this render, learning nothing from them. The full meter (camera draws, theta space) is in
+        scripts/bench_engines.py."""
+        samples = []
+        for _ in range(draws):
+            t, noise = self.draw_noise(x)
+            g, _ = self.distiller.gradient(x, out, cams, cond, self.uncond, t, noise, update=False)
+            samples.append(g.float())
+        return float(torch.stack(samples).var(0, unbiased=True).mean())
 
     def regularizers(self, out: dict, cams) -> torch.Tensor:
         t = self.cfg.train
@@ -175,7 +197,7 @@ class NeRFStage:
     def state(self) -> dict:
         return {"step": self.step_index, "field": self.field.state_dict(), "background": self.background.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "config": config_fingerprint(self.cfg), "prompt": self.prompt}
+                "config": config_fingerprint(self.cfg), "prompt": self.prompt, "distiller": self.distiller.state_dict()}
 
     def load_state(self, state: dict) -> None:
         self.field.load_state_dict(state["field"])
@@ -183,6 +205,7 @@ class NeRFStage:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step_index = int(state["step"])
+        self.distiller.load_state_dict(state.get("distiller", {}))
 
 
 def save_checkpoint(paths: RunPaths, stage: NeRFStage, keep: int) -> Path:
@@ -222,7 +245,10 @@ def save_png(path: Path, image: np.ndarray) -> None:
     atomic_save(path, lambda tmp: iio.imwrite(tmp, image, extension=".png"))
 
 
-def run_nerf_stage(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run_nerf_stage(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show_progress: bool = True,
+                   callbacks: tuple = ()) -> dict:
+    """Train (or continue) the NeRF stage. Each callback is called as cb(stage, info) after every step
+    (the live viewer, tests); a callback may raise StopTraining to end the run after a checkpoint."""
     paths = RunPaths(Path(run_dir))
     device = pick_device(cfg.train.device)
     if cfg.train.threads > 0:
@@ -251,8 +277,17 @@ def run_nerf_stage(prompt: str, cfg: Config, run_dir: Path, resume: bool = False
             last = info
             if stage.step_index % cfg.train.val_every == 0 or stage.step_index == steps:
                 save_png(paths.renders / f"val_{stage.step_index:07d}.png", image_grid(render_orbit(stage.field, stage.background, cfg, cfg.train.val_views)))
-            if stage.step_index % cfg.train.ckpt_every == 0 or stage.step_index == steps:
+                plot_run(paths.root)
+            stop = False
+            for callback in callbacks:
+                try:
+                    callback(stage, info)
+                except StopTraining:
+                    stop = True
+            if stop or stage.step_index % cfg.train.ckpt_every == 0 or stage.step_index == steps:
                 save_checkpoint(paths, stage, cfg.train.keep_checkpoints)
+            if stop:
+                break
     if paths.latest_checkpoint() is None:  # steps=0, or resumed at the end: still leave a checkpoint
         save_checkpoint(paths, stage, cfg.train.keep_checkpoints)
     return {"step": stage.step_index, "seconds": time.perf_counter() - start, "last": last, "stage": stage}

@@ -26,3 +26,10 @@ def tiny_pixel_model(tmp_path_factory):
     from tiny_models import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-pixel"), latent=False, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_model(tmp_path_factory):
+    from tiny_models import build_tiny_depth
+
+    return build_tiny_depth(tmp_path_factory.mktemp("tiny-depth"))

@@ -43,3 +43,16 @@ def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str 
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+def build_tiny_depth(folder: Path, seed: int = 0) -> Path:
+    """A tiny random DPT depth estimator (NOTES.md: 4 layers for 4 distinct backbone_out_indices)."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    config = DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                       neck_hidden_sizes=[16, 32, 32, 64], reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=32,
+                       backbone_out_indices=[0, 1, 2, 3], is_hybrid=False, head_in_index=-1)
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,112 @@
+"""Ties one estimator (SDS, VSD or SSD from `engines`) to the models it needs for a training run.
+
+`Distiller.gradient` takes the differentiable model-space image x (latent or pixels), the render it
+came from and its cameras, draws t and noise, and returns the image-space gradient G plus a few
+numbers to log. The estimators themselves stay pure functions in `engines`."""
+from __future__ import annotations
+
+import torch
+
+from ..config import GuidanceConfig
+from .baselines import constant_baseline, depth_baseline, normal_baseline
+from .diffusion import DiffusionGuidance
+from .engines import control_variate, eps_from_model_output, sanitize, sds, ssd, vsd
+
+
+class Distiller:
+    def __init__(self, cfg: GuidanceConfig, guidance: DiffusionGuidance):
+        self.cfg, self.guidance = cfg, guidance
+        self.estimate = None
+        self.mu = None
+        self.lora = None
+        if cfg.engine == "ssd":
+            from .stein import LaggedMu
+
+            self.mu = LaggedMu(cfg.mu_shape, cfg.mu_decay, cfg.mu_init)
+            if cfg.baseline != "constant":
+                from .depth import load_depth_estimator
+
+                self.estimate = load_depth_estimator(cfg.depth_model, guidance.device, guidance.dtype)
+        elif cfg.engine == "vsd":
+            from .lora import VSDLora
+
+            self.lora = VSDLora(guidance.unet, rank=cfg.lora_rank, lr=cfg.lora_lr, pose_dropout=cfg.pose_drop_p)
+
+    @property
+    def needs_normals(self) -> bool:
+        return self.cfg.engine == "ssd" and self.cfg.baseline == "normal"
+
+    def _eps_pretrained(self, x_t, t, cond, uncond) -> torch.Tensor:
+        if self.lora is None:
+            return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale)
+        self.guidance.unet.disable_adapters()  # the frozen model's score, not the LoRA's
+        try:
+            return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale)
+        finally:
+            self.guidance.unet.enable_adapters()
+
+    def gradient(self, x: torch.Tensor, render: dict, cameras, cond, uncond, t, noise, update: bool = True,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """G for one draw (t, noise). With update=False nothing is learned from it (mu sums, LoRA):
+        the variance meter draws extra samples that way."""
+        g, guide = self.cfg, self.guidance
+        weight = guide.weight(t, g.weighting)
+        x0 = x.detach().float()
+        logs: dict = {}
+        with torch.no_grad():
+            x_t = guide.add_noise(x0, noise, t)
+            eps = self._eps_pretrained(x_t, t, cond, uncond)
+        if g.engine == "sds":
+            grad = sds(eps, noise, weight)
+        elif g.engine == "ssd":
+            h, phi = self._control_variate(x_t, noise, t, render, cameras)
+            mu_used = self.mu.summary()  # the mu applied to this sample (fitted on earlier steps)
+            if update:
+                grad = self.mu.apply(eps, h, weight)
+            else:
+                grad = ssd(eps, h, self.mu._current(), weight)
+            logs.update(mu=mu_used, phi=float(phi.mean()))
+        else:  # vsd
+            a, s = guide.alpha_sigma(t)
+            with torch.no_grad():
+                out = self.lora.predict(x_t.to(guide.dtype), t, cond, cameras.flat_pose().to(x_t.device, guide.dtype))
+                eps_lora = eps_from_model_output(out.float(), x_t, a, s, guide.prediction_type)
+            grad = vsd(eps, eps_lora, weight)
+            if update:
+                logs["lora_loss"] = self.lora.train_step(x0.to(guide.dtype), cond, cameras.flat_pose().to(x0.device, guide.dtype), guide.scheduler, generator)
+        grad, finite = sanitize(grad, g.grad_clip)
+        logs["finite"] = finite
+        return grad, logs
+
+    def _control_variate(self, x_t, noise, t, render, cameras):
+        g, guide = self.cfg, self.guidance
+        _, sigma = guide.alpha_sigma(t)
+        decode = guide.decode if guide.vae is not None else None
+        if g.baseline == "constant":
+            phi, grad_phi = constant_baseline(x_t)
+        elif g.baseline == "depth":
+            disparity = render["disparity"].permute(0, 3, 1, 2)
+            opacity = render["opacity"].permute(0, 3, 1, 2)
+            phi, grad_phi = depth_baseline(x_t.to(guide.dtype), disparity, opacity, self.estimate, decode)
+        else:  # normal: world-space rendered normals -> camera space (OpenGL, facing the camera = +z)
+            rot = cameras.c2w[:, :3, :3]
+            normals_cam = torch.einsum("bji,bhwj->bihw", rot, render["normal"])
+            opacity = render["opacity"].permute(0, 3, 1, 2)
+            phi, grad_phi = normal_baseline(x_t.to(guide.dtype), normals_cam, opacity, self.estimate, decode)
+        h = control_variate(noise, phi.float(), grad_phi.float(), sigma)
+        return h, phi
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.mu is not None:
+            state["mu"] = {k: v for k, v in self.mu.state_dict().items() if v is not None}
+        if self.lora is not None:
+            state["lora"] = self.lora.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mu is not None and "mu" in state:
+            mu = state["mu"]
+            self.mu.load_state_dict({"eh": mu.get("eh"), "hh": mu.get("hh"), "n": mu.get("n", 0)})
+        if self.lora is not None and "lora" in state:
+            self.lora.load_state_dict(state["lora"])

@@ -1,0 +1,112 @@
+"""The Stein weight mu of SSD, fitted on past steps only (METHOD.md).
+
+mu minimises E|| w (eps_hat + mu h) ||^2; the mean of G does not depend on mu (E[h] = 0), so this is
+the variance minimiser. Per element of the configured shape:
+
+    mu* = -E[w^2 eps_hat h] / E[w^2 h h]
+
+estimated from exponential moving sums. The w(t)^2 factor makes mu minimise the variance of G itself
+(w varies with t); with a constant weight it is METHOD.md's -E[eps_hat h] / E[h h].
+
+Fitting mu on the same noise sample it is applied to biases G (mu then correlates with h). `LaggedMu`
+therefore has one entry point, `apply`, that computes G with the mu of *previous* steps and only then
+folds the current sample in; there is no way to read a mu that has seen the current sample before
+using it.
+
+Initial mu (no data yet, or fewer than `warmup` updates): `init`, default 1.0. With phi == 1 that is
+exactly SDS, and the depth/normal baselines live in [0, 2] with phi ~ 1 while the shape is still
+uncorrelated with the estimator's depth, so mu = 1 starts SSD close to SDS (h ~ -eps) instead of at
+mu = 0, which would drop the control variate and start from the raw eps_hat (variance ~1 per element).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .engines import _bcast, ssd
+
+MU_SHAPES = ("scalar", "channel", "pixel")
+
+
+def reduce_to_shape(x: torch.Tensor, shape: str) -> torch.Tensor:
+    """Sum a [B, C, ...] tensor over the dimensions mu does not resolve; keeps dims for broadcasting.
+    'scalar' -> [1, 1, ...], 'channel' -> [1, C, 1, ...], 'pixel' -> [1, C, H, ...] (batch summed)."""
+    if shape == "scalar":
+        dims = tuple(range(x.dim()))
+    elif shape == "channel":
+        dims = (0,) + tuple(range(2, x.dim()))
+    elif shape == "pixel":
+        dims = (0,)
+    else:
+        raise ValueError(f"unknown mu shape {shape!r}; expected one of {MU_SHAPES}")
+    return x.sum(dim=dims, keepdim=True)
+
+
+def optimal_mu(eh: torch.Tensor, hh: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Closed-form minimiser of E||eps_hat + mu h||^2 from the sums of eps_hat*h and h*h."""
+    return -eh / hh.clamp_min(eps)
+
+
+@dataclass
+class MuSums:
+    """Running (exponentially discounted) sums; `n` counts updates."""
+    eh: torch.Tensor | None = None
+    hh: torch.Tensor | None = None
+    n: int = 0
+
+
+def update_sums(sums: MuSums, eps_pred: torch.Tensor, h: torch.Tensor, shape: str, decay: float,
+                weight: torch.Tensor | float | None = None) -> MuSums:
+    """Return new sums with this batch folded in (pure: `sums` is not modified)."""
+    eps_pred, h = eps_pred.detach(), h.detach()
+    w2 = 1.0 if weight is None else _bcast(torch.as_tensor(weight, dtype=h.dtype,
+                                                           device=h.device).detach(), h) ** 2
+    eh = reduce_to_shape(w2 * eps_pred * h, shape)
+    hh = reduce_to_shape(w2 * h * h, shape)
+    if sums.n > 0:
+        eh = decay * sums.eh + eh
+        hh = decay * sums.hh + hh
+    return MuSums(eh=eh, hh=hh, n=sums.n + 1)
+
+
+class LaggedMu:
+    """mu for SSD, always fitted on past steps only.
+
+    Usage, once per training step:
+        G = est.apply(eps_pred, h, weight)   # uses mu from previous steps, then learns from this one
+        log(mu=est.summary())
+    """
+
+    def __init__(self, shape: str = "scalar", decay: float = 0.99, init: float = 1.0,
+                 warmup: int = 1, clamp: tuple[float, float] | None = None):
+        if shape not in MU_SHAPES:
+            raise ValueError(f"unknown mu shape {shape!r}; expected one of {MU_SHAPES}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError("decay must be in [0, 1)")
+        self.shape, self.decay, self.init, self.warmup, self.clamp = shape, decay, init, warmup, clamp
+        self._sums = MuSums()
+
+    def _current(self) -> torch.Tensor | float:
+        if self._sums.n < self.warmup:
+            return self.init
+        mu = optimal_mu(self._sums.eh, self._sums.hh)
+        return mu.clamp(*self.clamp) if self.clamp is not None else mu
+
+    def apply(self, eps_pred: torch.Tensor, h: torch.Tensor,
+              weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """G_SSD = w (eps_hat + mu h) with mu from earlier steps; then update the sums with this sample."""
+        g = ssd(eps_pred, h, self._current(), weight)
+        self._sums = update_sums(self._sums, eps_pred, h, self.shape, self.decay, weight)
+        return g
+
+    def summary(self) -> float:
+        """Mean of the mu the next `apply` will use (for logs)."""
+        mu = self._current()
+        return float(mu.mean()) if torch.is_tensor(mu) else float(mu)
+
+    def state_dict(self) -> dict:
+        return {"eh": self._sums.eh, "hh": self._sums.hh, "n": self._sums.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sums = MuSums(eh=state["eh"], hh=state["hh"], n=int(state["n"]))

@@ -67,6 +67,9 @@ class TrainConfig:
     lambda_opacity: float = 0.0  # sparsity: mean opacity
     lambda_entropy: float = 0.0  # binary entropy of opacity
     lambda_orient: float = 0.0  # normals facing away from the camera (needs normals)
+    nan_patience: int = 5  # non-finite steps in a row before restoring the last good state
+    max_restores: int = 3
+    restore_lr_factor: float = 0.5
     variance_every: int = 50  # cheap variance meter every N steps (0: off)
     variance_draws: int = 4
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -163,6 +166,8 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1")
     _check(t.lr_grid > 0 and t.lr_mlp > 0, "train.lr_grid/lr_mlp", "> 0")
     _check(t.threads >= 0, "train.threads", ">= 0")
+    _check(t.nan_patience >= 1 and t.max_restores >= 0, "train.nan_patience/max_restores", ">= 1 and >= 0")
+    _check(0 < t.restore_lr_factor <= 1, "train.restore_lr_factor", "in (0, 1]")
     _check(t.variance_every >= 0 and t.variance_draws >= 2, "train.variance_every/variance_draws", ">= 0 and >= 2")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "auto, cpu, cuda or cuda:N")
     _check(r.resolution >= 8 and r.resolution % 8 == 0, "render.resolution", "a positive multiple of 8")

@@ -29,6 +29,15 @@ class StepProgress:
         rate = (step - self.start) / max(time.perf_counter() - self._t0, 1e-9)
         self._progress.update(self._task, completed=step, loss=f"{loss:.4g}", speed=f"{rate:.2f}")
 
+    def log(self, message: str) -> None:
+        """A line for the person watching (above the bar, or plain stderr without one)."""
+        if self._progress is not None:
+            self._progress.console.print(message)
+        else:
+            import sys
+
+            print(message, file=sys.stderr)
+
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()

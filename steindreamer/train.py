@@ -3,6 +3,7 @@ validation renders and resume. One torch.Generator drives every random draw so a
 deterministic on CPU under its seed and continues identically after --resume."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -14,7 +15,7 @@ import torch
 
 from .cameras import orbit_cameras, sample_cameras, view_prompt, view_suffixes, VIEWS
 from .config import Config, to_yaml
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .field.nerf import Background, NeRFField
 from .fsio import atomic_save, atomic_write
 from .guidance.diffusion import DiffusionGuidance, pick_device
@@ -266,11 +267,18 @@ def run_nerf_stage(prompt: str, cfg: Config, run_dir: Path, resume: bool = False
     steps = cfg.train.steps
     last: dict = {}
     start = time.perf_counter()
+    for stale in paths.checkpoints.glob(".*.tmp") if paths.checkpoints.is_dir() else ():
+        stale.unlink(missing_ok=True)  # a write cut by a crash; the completed checkpoints are intact
+    guard = DivergenceGuard(stage, cfg.train)
     with StepProgress(steps, stage.step_index, enabled=show_progress) as bar, open(paths.metrics, "a") as log:
         while stage.step_index < steps:
             t0 = time.perf_counter()
             info = stage.step()
             info = {"step": stage.step_index, **info, "seconds": time.perf_counter() - t0, "engine": cfg.guidance.engine}
+            note = guard.check(info)
+            if note:
+                info["recovery"] = note
+                bar.log(note)
             log.write(json.dumps(info) + "\n")
             log.flush()
             bar.update(stage.step_index, info["loss"])
@@ -285,12 +293,53 @@ def run_nerf_stage(prompt: str, cfg: Config, run_dir: Path, resume: bool = False
                 except StopTraining:
                     stop = True
             if stop or stage.step_index % cfg.train.ckpt_every == 0 or stage.step_index == steps:
-                save_checkpoint(paths, stage, cfg.train.keep_checkpoints)
+                if guard.healthy():
+                    save_checkpoint(paths, stage, cfg.train.keep_checkpoints)
+                    guard.remember()
             if stop:
                 break
     if paths.latest_checkpoint() is None:  # steps=0, or resumed at the end: still leave a checkpoint
         save_checkpoint(paths, stage, cfg.train.keep_checkpoints)
     return {"step": stage.step_index, "seconds": time.perf_counter() - start, "last": last, "stage": stage}
+
+
+class DivergenceGuard:
+    """NaN/Inf in G, the loss or the gradients skips the step (NeRFStage.step); after `nan_patience`
+    bad steps in a row the last good state (the newest checkpoint's, kept in memory) comes back with
+    the learning rates scaled by `restore_lr_factor`; after `max_restores` restores the run stops with
+    one line, its last good checkpoint intact on disk."""
+
+    def __init__(self, stage: NeRFStage, cfg):
+        self.stage, self.cfg = stage, cfg
+        self.bad = 0
+        self.restores = 0
+        self.remember()
+
+    def remember(self) -> None:
+        self.good = copy.deepcopy(self.stage.state())
+
+    def healthy(self) -> bool:
+        return self.bad == 0 and all(torch.isfinite(p).all() for p in self.stage.field.parameters())
+
+    def check(self, info: dict) -> str | None:
+        if not info.get("skipped") and self.healthy():
+            self.bad = 0
+            return None
+        self.bad += 1
+        if self.bad < self.cfg.nan_patience:
+            return None
+        if self.restores >= self.cfg.max_restores:
+            raise RunFailed(f"training diverged: {self.bad} non-finite steps in a row after {self.restores} restores with lower learning rates; "
+                            f"last good checkpoint kept (step {self.good['step']})")
+        self.restores += 1
+        step = self.stage.step_index
+        self.stage.load_state(copy.deepcopy(self.good))
+        self.stage.step_index = step  # keep counting forward: the restored state resumes from here
+        for group in self.stage.optimizer.param_groups:
+            group["lr"] *= self.cfg.restore_lr_factor ** self.restores
+        self.bad = 0
+        return (f"step {step}: {self.cfg.nan_patience} non-finite steps in a row; restored the state of step {self.good['step']} "
+                f"with learning rates x{self.cfg.restore_lr_factor ** self.restores:g}")
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -122,7 +123,7 @@ def load_config(preset: str | None = None, config_file: str | None = None, overr
             base = OmegaConf.merge(base, layer)
         base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
         cfg: Config = OmegaConf.to_object(base)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:  # YAML in values, too
         raise UserError(f"invalid config: {_one_line(err)}") from None
     validate(cfg)
     return cfg
@@ -212,7 +213,7 @@ def from_yaml_text(text: str) -> Config:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
         cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
         raise UserError(f"invalid saved config: {_one_line(err)}") from None
     validate(cfg)
     return cfg

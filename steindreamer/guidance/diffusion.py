@@ -45,6 +45,16 @@ def _cache_dir(configured: str) -> Path:
     return Path(configured or os.environ.get("STEINDREAMER_CACHE") or Path.home() / ".cache" / "steindreamer")
 
 
+def quiet_hf_logging() -> None:
+    """Library progress bars and advisory warnings would bury our own progress and one-line errors."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.disable_progress_bar()
+        lib.utils.logging.set_verbosity_error()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,6 +68,8 @@ class DiffusionGuidance:
 
     def __init__(self, model: str, device: torch.device, half_precision: bool = True, cache_dir: str = ""):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        quiet_hf_logging()
 
         self.location = resolve_model(model, "diffusion")
         self.is_builtin = model.strip() == "builtin"

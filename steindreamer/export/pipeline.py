@@ -1,0 +1,104 @@
+"""One call from a mesh and a colour function to files: unwrap, bake, write GLB / OBJ / PLY; and
+turntable frames of a mesh."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from steindreamer.export.bake import bake_texture, unwrap, vertex_normals
+from steindreamer.export.gltf import write_glb, write_obj, write_ply
+
+
+def _eval_colors(color_fn, points: np.ndarray, device, chunk: int = 1 << 16) -> np.ndarray:
+    with torch.no_grad():
+        p = torch.as_tensor(points, dtype=torch.float32, device=device)
+        return torch.cat([color_fn(c).float().clamp(0, 1) for c in p.split(chunk)]).cpu().numpy()
+
+
+def export_textured(
+    out_dir,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    color_fn: Callable[[torch.Tensor], torch.Tensor],
+    texture_size: int = 1024,
+    formats: Iterable[str] = ("glb", "obj", "ply"),
+    stem: str = "mesh",
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Unwrap (xatlas), bake `color_fn` (world points [N,3] -> RGB [N,3] in [0,1]) into a
+    texture_size^2 texture and write `<stem>.glb`, `<stem>.obj` (+ .mtl, .png) and `<stem>.ply`
+    (vertex colours) under out_dir. Returns {"paths": {format: Path}, "seconds": {...},
+    "texture_coverage": fraction of texels covered by charts}."""
+    out_dir = Path(out_dir)
+    formats = tuple(formats)
+    unknown = set(formats) - {"glb", "obj", "ply"}
+    if unknown:
+        raise ValueError(f"unknown export formats {sorted(unknown)}")
+    vertices = np.asarray(vertices, dtype=np.float32)
+    faces = np.asarray(faces, dtype=np.int64)
+    seconds, paths = {}, {}
+    t = time.perf_counter()
+    if "glb" in formats or "obj" in formats:
+        vmapping, faces_uv, uvs = unwrap(vertices, faces, texture_size)
+        seconds["unwrap"] = time.perf_counter() - t
+        t = time.perf_counter()
+        texture, covered = bake_texture(color_fn, vertices, faces, uvs, faces_uv, size=texture_size, device=device)
+        seconds["bake"] = time.perf_counter() - t
+        t = time.perf_counter()
+        v_uv = vertices[vmapping]
+        n_uv = vertex_normals(vertices, faces)[vmapping]  # normals of the unsplit mesh: no seams
+        if "glb" in formats:
+            paths["glb"] = write_glb(out_dir / f"{stem}.glb", v_uv, faces_uv, uvs, texture, n_uv)
+        if "obj" in formats:
+            paths["obj"] = write_obj(out_dir / f"{stem}.obj", v_uv, faces_uv, uvs, texture, n_uv)["obj"]
+        seconds["write_textured"] = time.perf_counter() - t
+        coverage = float(covered.mean())
+    else:
+        coverage = None
+    if "ply" in formats:
+        t = time.perf_counter()
+        paths["ply"] = write_ply(out_dir / f"{stem}.ply", vertices, faces, _eval_colors(color_fn, vertices, device))
+        seconds["write_ply"] = time.perf_counter() - t
+    return {"paths": paths, "seconds": seconds, "texture_coverage": coverage}
+
+
+class _ColorModule(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def turntable_frames(
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    color_fn: Callable[[torch.Tensor], torch.Tensor],
+    n_frames: int = 36,
+    size: int = 256,
+    elevation: float = 15.0,
+    distance: float = 1.75,
+    fov: float = 55.0,
+    background: float = 1.0,
+    light_direction=None,
+    batch: int = 4,
+    device: str | torch.device = "cpu",
+) -> list[np.ndarray]:
+    """uint8 [size, size, 3] frames of the mesh on `orbit_cameras` (azimuth 0 = front, +Y up)."""
+    from steindreamer.cameras import orbit_cameras  # noqa: PLC0415
+    from steindreamer.field.mesh import MeshField  # noqa: PLC0415
+
+    color = color_fn if isinstance(color_fn, torch.nn.Module) else _ColorModule(color_fn)
+    field = MeshField(vertices, faces, color, learn_offsets=False).to(device)
+    cams = orbit_cameras(n_frames, elevation, distance, fov)
+    frames = []
+    with torch.no_grad():
+        for i in range(0, n_frames, batch):
+            out = field.render(cams[i : i + batch], size, size, background=background, light_direction=light_direction)
+            frames += list((out["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+    return frames

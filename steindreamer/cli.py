@@ -32,9 +32,41 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", help="run folder (default: outputs/<prompt-slug>-<seed>)")
     gen.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     gen.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    gen.add_argument("--no-mesh", action="store_true", help="skip the mesh stage (export the NeRF's surface as is)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200 seed=1")
+    exp = sub.add_parser("export", help="write mesh files from a run's latest checkpoint",
+                         description="Write model.glb / mesh.obj (+ .mtl, .png) / mesh.ply into RUN_DIR from its newest checkpoint "
+                         "(the mesh stage's if it ran, else the surface extracted from the NeRF).")
+    exp.add_argument("run_dir")
+    exp.add_argument("--format", action="append", choices=["glb", "obj", "ply"], help="repeatable; default: the run's export.formats")
+    exp.add_argument("--stage", choices=["auto", "nerf", "mesh"], default="auto")
+    ren = sub.add_parser("render", help="write a turntable video and contact sheet of a run",
+                         description="Write RUN_DIR/turntable.mp4 (GIF if ffmpeg fails) and renders/contact_sheet.png.")
+    ren.add_argument("run_dir")
+    ren.add_argument("--stage", choices=["auto", "nerf", "mesh"], default="auto")
+    ren.add_argument("--frames", type=int, default=None)
+    ren.add_argument("--size", type=int, default=None)
     return parser
+
+
+def cmd_export(args) -> int:
+    from .assets import export_run, load_run_config
+
+    formats = args.format or load_run_config(args.run_dir).export.formats
+    result = export_run(Path(args.run_dir), formats, args.stage)
+    for fmt, path in result["paths"].items():
+        print(f"{fmt}: {path}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .assets import render_run
+
+    if (args.frames is not None and args.frames < 1) or (args.size is not None and args.size < 8):
+        raise UserError("--frames must be >= 1 and --size >= 8")
+    print(f"turntable: {render_run(Path(args.run_dir), args.stage, args.frames, args.size)}")
+    return 0
 
 
 def _run_dir(args, cfg) -> Path:
@@ -84,6 +116,8 @@ def cmd_generate(args) -> int:
             del tmp
             merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(_expand(args.overrides)))
             cfg = from_yaml_text(OmegaConf.to_yaml(merged))
+    if args.no_mesh:
+        cfg.mesh.enabled = False
     _prepare_run_dir(run_dir, args.resume, args.overwrite)
     try:
         atomic_write(saved, to_yaml(cfg))
@@ -105,7 +139,7 @@ def _expand(overrides: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"generate": cmd_generate}
+COMMANDS = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,33 @@ class TrainConfig:
 
 
 @dataclass
+class MeshConfig:
+    enabled: bool = True  # the mesh stage of `generate` (--no-mesh: export the NeRF's surface as is)
+    steps: int = 1000
+    resolution: int = 128  # render size of the mesh stage
+    t_max: float = 0.5  # refinement uses the low-noise end of the schedule
+    grid_resolution: int = 128  # marching-cubes grid along the occupied box's longest side
+    threshold: float = -1.0  # density iso-level; < 0: automatic (Otsu on log density)
+    target_faces: int = 30000
+    min_component_fraction: float = 0.05  # drop floaters smaller than this fraction of the largest piece
+    lr_offsets: float = 1e-3
+    lr_scale: float = 0.1  # texture field learning rates relative to train.lr_grid / lr_mlp
+    lambda_laplacian: float = 1000.0
+    lambda_normal: float = 1000.0
+    ckpt_every: int = 200
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = dc_field(default_factory=lambda: ["glb", "obj"])  # of glb, obj, ply
+    texture_size: int = 1024
+    turntable: bool = True
+    turntable_frames: int = 36
+    turntable_size: int = 256
+    turntable_elevation: float = 15.0
+
+
+@dataclass
 class Config:
     camera: CameraConfig = dc_field(default_factory=CameraConfig)
     field: FieldConfig = dc_field(default_factory=FieldConfig)
@@ -86,6 +113,8 @@ class Config:
     shading: ShadingConfig = dc_field(default_factory=ShadingConfig)
     guidance: GuidanceConfig = dc_field(default_factory=GuidanceConfig)
     train: TrainConfig = dc_field(default_factory=TrainConfig)
+    mesh: MeshConfig = dc_field(default_factory=MeshConfig)
+    export: ExportConfig = dc_field(default_factory=ExportConfig)
 
 
 def presets() -> list[str]:
@@ -197,6 +226,17 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.background.random_p <= 1.0, "background.random_p", "in [0, 1]")
     s = cfg.shading
     _check(0.0 <= s.lambertian_p <= 1.0 and 0.0 <= s.textureless_p <= 1.0, "shading.lambertian_p/textureless_p", "in [0, 1]")
+    m, e = cfg.mesh, cfg.export
+    _check(m.steps >= 0 and m.ckpt_every >= 1, "mesh.steps/ckpt_every", ">= 0 and >= 1")
+    _check(m.resolution >= 8 and m.resolution % 8 == 0, "mesh.resolution", "a positive multiple of 8")
+    _check(g.t_min < m.t_max <= 1.0, "mesh.t_max", "in (guidance.t_min, 1]")
+    _check(16 <= m.grid_resolution <= 1024, "mesh.grid_resolution", "in [16, 1024]")
+    _check(m.target_faces >= 100, "mesh.target_faces", ">= 100")
+    _check(0.0 <= m.min_component_fraction < 1.0, "mesh.min_component_fraction", "in [0, 1)")
+    _check(m.lr_offsets >= 0 and m.lr_scale >= 0 and m.lambda_laplacian >= 0 and m.lambda_normal >= 0, "mesh.lr_*/lambda_*", ">= 0")
+    _check(bool(e.formats) and set(e.formats) <= {"glb", "obj", "ply"}, "export.formats", "a non-empty list of glb, obj, ply")
+    _check(16 <= e.texture_size <= 8192, "export.texture_size", "in [16, 8192]")
+    _check(e.turntable_frames >= 1 and e.turntable_size >= 8, "export.turntable_frames/turntable_size", ">= 1 and >= 8")
     c = cfg.camera
     for key in ("distance", "fov", "elevation", "azimuth"):
         _check_range(cfg, f"camera.{key}")

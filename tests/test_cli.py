@@ -9,7 +9,8 @@ import torch
 from steindreamer.cli import main
 
 FAST = ["resolution=16", "render.samples=16", "field.grid.levels=4", "field.grid.log2_table=12", "field.grid.max_res=64",
-        "train.val_every=2", "train.ckpt_every=2", "train.val_views=2", "--quiet"]
+        "train.val_every=2", "train.ckpt_every=2", "train.val_views=2", "mesh.enabled=false", "mesh.grid_resolution=32",
+        "export.texture_size=32", "export.turntable=false", "--quiet"]
 
 
 def _run(model, out, *extra):
@@ -21,6 +22,7 @@ def test_generate_writes_checkpoint_renders_metrics_and_resumes(tiny_latent_mode
     assert _run(tiny_latent_model, out, "steps=4") == 0
     assert (out / "config.yaml").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
+    assert (out / "model.glb").exists() and (out / "mesh.obj").exists()  # the NeRF's surface, exported
     assert (out / "renders" / "val_0000004.png").exists()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]

@@ -28,13 +28,15 @@ def export_textured(
     formats: Iterable[str] = ("glb", "obj", "ply"),
     stem: str = "mesh",
     device: str | torch.device = "cpu",
+    stems: dict | None = None,
 ) -> dict:
     """Unwrap (xatlas), bake `color_fn` (world points [N,3] -> RGB [N,3] in [0,1]) into a
     texture_size^2 texture and write `<stem>.glb`, `<stem>.obj` (+ .mtl, .png) and `<stem>.ply`
-    (vertex colours) under out_dir. Returns {"paths": {format: Path}, "seconds": {...},
+    (vertex colours) under out_dir; `stems` may name each format's file differently ({"glb": "model"}). Returns {"paths": {format: Path}, "seconds": {...},
     "texture_coverage": fraction of texels covered by charts}."""
     out_dir = Path(out_dir)
     formats = tuple(formats)
+    name = {fmt: (stems or {}).get(fmt, stem) for fmt in ("glb", "obj", "ply")}
     unknown = set(formats) - {"glb", "obj", "ply"}
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}")
@@ -52,16 +54,16 @@ def export_textured(
         v_uv = vertices[vmapping]
         n_uv = vertex_normals(vertices, faces)[vmapping]  # normals of the unsplit mesh: no seams
         if "glb" in formats:
-            paths["glb"] = write_glb(out_dir / f"{stem}.glb", v_uv, faces_uv, uvs, texture, n_uv)
+            paths["glb"] = write_glb(out_dir / f"{name['glb']}.glb", v_uv, faces_uv, uvs, texture, n_uv)
         if "obj" in formats:
-            paths["obj"] = write_obj(out_dir / f"{stem}.obj", v_uv, faces_uv, uvs, texture, n_uv)["obj"]
+            paths["obj"] = write_obj(out_dir / f"{name['obj']}.obj", v_uv, faces_uv, uvs, texture, n_uv)["obj"]
         seconds["write_textured"] = time.perf_counter() - t
         coverage = float(covered.mean())
     else:
         coverage = None
     if "ply" in formats:
         t = time.perf_counter()
-        paths["ply"] = write_ply(out_dir / f"{stem}.ply", vertices, faces, _eval_colors(color_fn, vertices, device))
+        paths["ply"] = write_ply(out_dir / f"{name['ply']}.ply", vertices, faces, _eval_colors(color_fn, vertices, device))
         seconds["write_ply"] = time.perf_counter() - t
     return {"paths": paths, "seconds": seconds, "texture_coverage": coverage}
 

@@ -237,6 +237,8 @@ def validate(cfg: Config) -> None:
     _check(bool(e.formats) and set(e.formats) <= {"glb", "obj", "ply"}, "export.formats", "a non-empty list of glb, obj, ply")
     _check(16 <= e.texture_size <= 8192, "export.texture_size", "in [16, 8192]")
     _check(e.turntable_frames >= 1 and e.turntable_size >= 8, "export.turntable_frames/turntable_size", ">= 1 and >= 8")
+    _check(s.light in ("camera", "fixed"), "shading.light", "one of camera, fixed")
+    _check(sum(v * v for v in s.light_dir) > 0, "shading.light_dir", "a non-zero direction")
     c = cfg.camera
     for key in ("distance", "fov", "elevation", "azimuth"):
         _check_range(cfg, f"camera.{key}")

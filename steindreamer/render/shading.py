@@ -16,6 +16,8 @@ class ShadingConfig:
     textureless_p: float = 0.5  # of the shaded steps, probability of textureless
     ambient: float = 0.1
     light_jitter: float = 0.5  # std of the light position around the camera (relative to its distance)
+    light: str = "camera"  # camera: a random point light near the camera | fixed: the direction light_dir
+    light_dir: tuple[float, float, float] = (0.35, 0.85, 0.40)  # towards the light (world), for light=fixed
 
 
 def shade(albedo: torch.Tensor, normals: torch.Tensor | None, light_dir: torch.Tensor | None, mode: str, ambient: float) -> torch.Tensor:
@@ -34,7 +36,10 @@ def sample_mode(cfg: ShadingConfig, step: int, generator: torch.Generator | None
 
 
 def sample_light(camera_positions: torch.Tensor, cfg: ShadingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Unit directions towards a point light placed near each camera [B, 3]."""
+    """Unit directions towards the light [B, 3]: near each camera, or the fixed direction."""
+    if cfg.light == "fixed":
+        d = torch.nn.functional.normalize(torch.tensor(cfg.light_dir, dtype=camera_positions.dtype), dim=0)
+        return d.to(camera_positions.device).expand_as(camera_positions).clone()
     dist = camera_positions.norm(dim=-1, keepdim=True)
     noise = torch.randn(camera_positions.shape, generator=generator).to(camera_positions) * cfg.light_jitter * dist
     return torch.nn.functional.normalize(camera_positions + noise, dim=-1)

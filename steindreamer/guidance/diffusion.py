@@ -89,6 +89,23 @@ class DiffusionGuidance:
         except Exception as err:  # noqa: BLE001 - any load failure is the user's folder or id
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load diffusion model '{model}': {first}") from None
+        self._setup(cache_dir)
+
+    @classmethod
+    def from_components(cls, unet, text_encoder, tokenizer, scheduler, vae=None, device=torch.device("cpu"),
+                        dtype=torch.float32, name: str = "components", cache_dir: str = "") -> "DiffusionGuidance":
+        """Wrap models built in memory (benchmarks with random SD-shaped weights: no download, no save)."""
+        self = cls.__new__(cls)
+        self.location, self.is_builtin, self.device, self.dtype = name, False, device, dtype
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.text_encoder = text_encoder.to(device, dtype).eval()
+        self.unet = unet.to(device, dtype).eval()
+        self.vae = vae.to(device, dtype).eval() if vae is not None else None
+        self._setup(cache_dir)
+        return self
+
+    def _setup(self, cache_dir: str) -> None:
+        device = self.device
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
                 module.requires_grad_(False)

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Step-time benchmark of the distillation engines (JSON out), per engine and stage, in one process.
+
+    python scripts/bench_step.py --model builtin --out benchmarks/step_cpu.json          # CPU, built-in model
+    python scripts/bench_step.py --model sd-shaped --out benchmarks/step_gpu.json        # GPU, SD-2.1-base shapes
+
+`sd-shaped` builds a UNet, VAE and text encoder with Stable Diffusion 2.1-base's configs and random
+weights (no download): 64x64 latents from a 512x512 render. For each engine the JSON holds the
+median step time, the median UNet CFG forward (the floor a step cannot go under), their ratio and a
+breakdown: render forward, encode (VAE), the whole guidance call, its parts measured alone (UNet
+CFG, decode + depth forward/backward for SSD, LoRA step for VSD), 3D backward and optimizer step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from steindreamer.config import load_config  # noqa: E402
+from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
+from steindreamer.guidance.engines import injected_loss  # noqa: E402
+from steindreamer.train import NeRFStage  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Clock:
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    def __call__(self, key):
+        clock = self
+
+        class _T:
+            def __enter__(self):
+                sync(clock.device)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                sync(clock.device)
+                clock.times.setdefault(key, []).append(time.perf_counter() - self.t)
+
+        return _T()
+
+    def medians(self, skip: int) -> dict:
+        return {k: statistics.median(v[skip:] or v) for k, v in self.times.items()}
+
+
+def sd_shaped_guidance(device, dtype):
+    """Stable Diffusion 2.1-base shapes with random weights (configs only; nothing downloaded)."""
+    import string
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                                layers_per_block=2, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + ",":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                        num_hidden_layers=23, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False)
+    return DiffusionGuidance.from_components(unet, text, tokenizer, scheduler, vae, device, dtype, name="sd-shaped")
+
+
+def bench_engine(engine: str, args, device) -> dict:
+    overrides = [f"engine={engine}", f"train.device={device}", "train.variance_every=0", "train.batch_size=1"]
+    if args.model != "sd-shaped":  # the built-in model or any diffusers folder, with the toy preset's settings
+        cfg = load_config("toy", None, overrides + [f"model={args.model}", f"depth_model={args.depth_model}"])
+        guidance = DiffusionGuidance(args.model, device, True)
+    else:
+        cfg = load_config("steindreamer", None, overrides + [f"resolution={args.resolution}", "guidance.baseline=constant" if args.no_depth else "guidance.baseline=depth"])
+        guidance = sd_shaped_guidance(device, torch.float16 if device.type == "cuda" else torch.float32)
+    if args.model == "sd-shaped" and engine == "ssd" and not args.no_depth:
+        cfg.guidance.depth_model = args.depth_model
+    stage = NeRFStage(args.prompt, cfg, guidance)
+    clock = Clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        with clock("step"):
+            with clock("render"):
+                out, cams = stage.render_train()
+            with clock("encode"):
+                x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
+            cond = stage.text_for(cams)
+            t, noise = stage.draw_noise(x)
+            with clock("guidance"):
+                grad, _ = stage.distiller.gradient(x, out, cams, cond, stage.uncond, t, noise, generator=stage.generator)
+            with clock("backward"):
+                injected_loss(x.float(), grad).backward()
+            with clock("optimizer"):
+                stage.optimizer.step()
+                stage.optimizer.zero_grad(set_to_none=True)
+        # The parts of the guidance call, each measured alone on the same inputs.
+        with torch.no_grad():
+            x_t = guidance.add_noise(x.detach().float(), noise, t)
+            with clock("unet_cfg"):
+                guidance.predict_eps_cfg(x_t, t, cond, stage.uncond, cfg.guidance.guidance_scale)
+        if engine == "ssd" and stage.distiller.estimate is not None:
+            with clock("decode_depth_fwd_bwd"):
+                stage.distiller._control_variate(x_t, noise, t, out, cams)
+        if engine == "vsd":
+            with clock("lora_step"):
+                stage.distiller.lora.train_step(x.detach(), cond, cams.flat_pose().to(device, guidance.dtype), guidance.scheduler, stage.generator)
+    med = clock.medians(args.warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
+            "breakdown": {k: v for k, v in med.items() if k != "step"}, "peak_memory_mib": peak,
+            "render": f"{cfg.render.resolution}x{cfg.render.resolution}x{cfg.render.samples} samples", "model_resolution": guidance.image_size}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin", help="builtin, sd-shaped, or a diffusers folder")
+    parser.add_argument("--engines", default="sds,ssd,vsd")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=512, help="render size for sd-shaped")
+    parser.add_argument("--depth-model", default="builtin", help="depth model for sd-shaped SSD (a folder; builtin by default)")
+    parser.add_argument("--no-depth", action="store_true", help="SSD with the constant baseline (no depth network)")
+    parser.add_argument("--prompt", default="a red cube")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "model": args.model, "torch": torch.__version__, "engines": {}}
+    for engine in args.engines.split(","):
+        result["engines"][engine] = bench_engine(engine, args, device)
+        print(engine, json.dumps(result["engines"][engine]), flush=True)
+    e = result["engines"]
+    if "ssd" in e and "sds" in e:
+        result["step_time_ratio_ssd_sds"] = e["ssd"]["step_seconds"] / e["sds"]["step_seconds"]
+    if "ssd" in e and "vsd" in e:
+        result["step_time_ratio_ssd_vsd"] = e["ssd"]["step_seconds"] / e["vsd"]["step_seconds"]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from steindreamer.fsio import atomic_write
+
+        atomic_write(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

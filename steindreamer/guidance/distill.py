@@ -10,7 +10,7 @@ import torch
 from ..config import GuidanceConfig
 from .baselines import constant_baseline, depth_baseline, normal_baseline
 from .diffusion import DiffusionGuidance
-from .engines import control_variate, eps_from_model_output, sanitize, sds, ssd, vsd
+from .engines import control_variate, eps_from_model_output, sanitize, sds, vsd
 
 
 class Distiller:
@@ -61,10 +61,7 @@ class Distiller:
         elif g.engine == "ssd":
             h, phi = self._control_variate(x_t, noise, t, render, cameras)
             mu_used = self.mu.summary()  # the mu applied to this sample (fitted on earlier steps)
-            if update:
-                grad = self.mu.apply(eps, h, weight)
-            else:
-                grad = ssd(eps, h, self.mu._current(), weight)
+            grad = self.mu.apply(eps, h, weight, update=update)
             logs.update(mu=mu_used, phi=float(phi.mean()))
         else:  # vsd
             a, s = guide.alpha_sigma(t)

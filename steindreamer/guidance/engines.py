@@ -3,6 +3,13 @@
 Each engine maps tensors to an image-space gradient G (same shape as the rendered image or its
 latent). `injected_loss` pushes any G into the 3D parameters with one backward pass through the
 renderer. Nothing here holds state or touches a model: callers compute the noise predictions.
+
+    sds               G = w (eps_hat - eps)
+    control_variate   h = sigma grad_phi - eps phi             (Stein, zero mean)
+    ssd               G = w (eps_hat + mu h)                   (phi == 1, mu = 1: SDS exactly)
+    vsd               G = w h(r) (eps_pre - eps_lora)          (h from f_divergence_weight; None: VSD)
+Stateful helpers live elsewhere: stein.LaggedMu (mu from past steps), lora.VSDLora (eps_lora),
+baselines (phi, grad_phi), variance (the gradient-variance meter), analytic (test targets).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ therefore has one entry point, `apply`, that computes G with the mu of *previous
 folds the current sample in; there is no way to read a mu that has seen the current sample before
 using it.
 
-Initial mu (no data yet, or fewer than `warmup` updates): `init`, default 1.0. With phi == 1 that is
+Initial mu (fewer than `warmup` updates, default 10, so mu is not a one-sample fit, which is wild for
+the 'pixel' shape): `init`, default 1.0. With phi == 1 that is
 exactly SDS, and the depth/normal baselines live in [0, 2] with phi ~ 1 while the shape is still
 uncorrelated with the estimator's depth, so mu = 1 starts SSD close to SDS (h ~ -eps) instead of at
 mu = 0, which would drop the control variate and start from the raw eps_hat (variance ~1 per element).
@@ -79,7 +80,7 @@ class LaggedMu:
     """
 
     def __init__(self, shape: str = "scalar", decay: float = 0.99, init: float = 1.0,
-                 warmup: int = 1, clamp: tuple[float, float] | None = None):
+                 warmup: int = 10, clamp: tuple[float, float] | None = None):
         if shape not in MU_SHAPES:
             raise ValueError(f"unknown mu shape {shape!r}; expected one of {MU_SHAPES}")
         if not 0.0 <= decay < 1.0:
@@ -93,11 +94,13 @@ class LaggedMu:
         mu = optimal_mu(self._sums.eh, self._sums.hh)
         return mu.clamp(*self.clamp) if self.clamp is not None else mu
 
-    def apply(self, eps_pred: torch.Tensor, h: torch.Tensor,
-              weight: torch.Tensor | float = 1.0) -> torch.Tensor:
-        """G_SSD = w (eps_hat + mu h) with mu from earlier steps; then update the sums with this sample."""
+    def apply(self, eps_pred: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | float = 1.0,
+              update: bool = True) -> torch.Tensor:
+        """G_SSD = w (eps_hat + mu h) with mu from earlier steps; then (if `update`) fold this sample
+        into the sums. update=False is for extra draws that must not be learned from (variance meter)."""
         g = ssd(eps_pred, h, self._current(), weight)
-        self._sums = update_sums(self._sums, eps_pred, h, self.shape, self.decay, weight)
+        if update:
+            self._sums = update_sums(self._sums, eps_pred, h, self.shape, self.decay, weight)
         return g
 
     def summary(self) -> float:

@@ -33,6 +33,31 @@ def compare(pred_mask: torch.Tensor, pred_rgb: torch.Tensor, true_mask: torch.Te
     return out
 
 
+def _scorer(prompt: str, cfg, views: int, resolution: int, elevation: float):
+    colour, shape = parse_caption(prompt)
+    cams = orbit_cameras(views, elevation, float(np.mean(cfg.camera.distance)), float(np.mean(cfg.camera.fov)))
+    masks = {s: render_shape(s, colour, cams, resolution, resolution)["mask"][..., 0].bool() for s in SHAPES}
+
+    # IoU against every shape: a blob overlaps a cube well too, so the check also reports whether
+    # the prompt's shape matches better than the others ("shape_right").
+    def score(pred_mask, pred_rgb):
+        res = compare(pred_mask, pred_rgb, masks[shape], colour)
+        res["iou_by_shape"] = {s: compare(pred_mask, pred_rgb, m, colour)["mean_iou"] for s, m in masks.items()}
+        res["best_shape"] = max(res["iou_by_shape"], key=res["iou_by_shape"].get)
+        res["shape_right"] = res["best_shape"] == shape
+        return res
+
+    return cams, score, colour, shape
+
+
+@torch.no_grad()
+def evaluate_field(field, background, cfg, prompt: str, views: int = 8, resolution: int = 64, elevation: float = 15.0) -> dict:
+    """The check for a NeRF in memory (benchmarks evaluate along a run without reloading)."""
+    cams, score, _, _ = _scorer(prompt, cfg, views, resolution, elevation)
+    out = render_views(field, background, cams.to(next(field.parameters()).device), cfg.render, resolution, perturb=False)
+    return score(out["opacity"][..., 0].cpu() > 0.5, out["rgb"].cpu())
+
+
 def evaluate_run(run_dir: Path, views: int = 8, resolution: int = 64, elevation: float = 15.0) -> dict:
     from ..assets import load_mesh, load_nerf, load_run_config
     from ..field.mesh import MeshField
@@ -40,28 +65,14 @@ def evaluate_run(run_dir: Path, views: int = 8, resolution: int = 64, elevation:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     prompt = (run_dir / "prompt.txt").read_text().strip()
-    colour, shape = parse_caption(prompt)
-    cams = orbit_cameras(views, elevation, float(np.mean(cfg.camera.distance)), float(np.mean(cfg.camera.fov)))
-    truth = render_shape(shape, colour, cams, resolution, resolution)
-    true_mask = truth["mask"][..., 0].bool()
-    # IoU against every shape: a blob overlaps a cube well too, so the check also reports whether
-    # the prompt's shape matches better than the others ("shape_right").
-    masks = {s: render_shape(s, colour, cams, resolution, resolution)["mask"][..., 0].bool() for s in SHAPES}
-
-    def score(pred_mask, pred_rgb):
-        res = compare(pred_mask, pred_rgb, true_mask, colour)
-        res["iou_by_shape"] = {s: compare(pred_mask, pred_rgb, m, colour)["mean_iou"] for s, m in masks.items()}
-        res["best_shape"] = max(res["iou_by_shape"], key=res["iou_by_shape"].get)
-        res["shape_right"] = res["best_shape"] == shape
-        return res
+    cams, score, colour, shape = _scorer(prompt, cfg, views, resolution, elevation)
     result = {"run": str(run_dir), "prompt": prompt, "shape": shape, "colour": colour, "views": views, "resolution": resolution}
-    with torch.no_grad():
-        field, background, step = load_nerf(run_dir, cfg)
-        out = render_views(field, background, cams, cfg.render, resolution, perturb=False)
-        result["nerf"] = {"step": step, **score(out["opacity"][..., 0] > 0.5, out["rgb"])}
-        found = load_mesh(run_dir, cfg)
-        if found is not None:
+    field, background, step = load_nerf(run_dir, cfg)
+    result["nerf"] = {"step": step, **evaluate_field(field, background, cfg, prompt, views, resolution, elevation)}
+    found = load_mesh(run_dir, cfg)
+    if found is not None:
+        with torch.no_grad():
             mesh = MeshField(found[0], found[1], found[2], learn_offsets=False)
             out = mesh.render(cams, resolution, resolution, background=1.0)
-            result["mesh"] = {"faces": int(len(found[1])), **score(out["opacity"][..., 0] > 0.5, out["rgb"])}
+        result["mesh"] = {"faces": int(len(found[1])), **score(out["opacity"][..., 0] > 0.5, out["rgb"])}
     return result

@@ -45,9 +45,12 @@ class GuidanceConfig:
     # SSD (Stein score distillation)
     depth_model: str = "builtin"  # transformers depth-estimation folder or hub id
     baseline: str = "depth"  # depth | normal | constant
-    mu_shape: str = "scalar"  # scalar | channel | pixel
-    mu_decay: float = 0.9  # EMA decay of the running sums that fit mu
-    mu_init: float = 1.0
+    mu_shape: str = "scalar"  # scalar | channel | pixel (for keep_sds_cv=false)
+    mu_decay: float = 0.99  # EMA decay of the running sums that fit mu
+    mu_init: float = 1.0  # mu before any past step (keep_sds_cv=false); 1 with phi == 1 is SDS
+    # Keep SDS's -eps control variate next to the Stein term, both weights fitted (scalar): equivalent
+    # to the baseline phi + c with c fitted, and never worse than SDS (see guidance/stein.py).
+    keep_sds_cv: bool = True
     # VSD (variational score distillation)
     lora_rank: int = 4
     lora_lr: float = 1e-4

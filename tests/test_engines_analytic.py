@@ -365,3 +365,30 @@ def test_variance_meter_closed_form():
     v = float(w ** 2 * (1 - b) ** 2)
     assert rep.var_image == pytest.approx(v, rel=0.08)
     assert rep.var_theta == pytest.approx(v * float((A ** 2).sum(0).mean()), rel=0.08)
+
+
+# SSD keeping SDS's -eps control variate (LaggedJointMu): never worse than SDS, even for a baseline
+# whose family lacks the constant (where mu h alone is worse than SDS above).
+def test_joint_stein_and_sds_control_variates_never_worse_than_sds():
+    from steindreamer.guidance.stein import LaggedJointMu
+
+    gen = torch.Generator().manual_seed(7)
+    target = mixture(C * HW * HW)
+    est = LaggedJointMu(decay=0.0, warmup=1)
+    fit = draws(target, X, 30_000, gen, image_phi)
+    est.apply(fit[0], fit[2], fit[1], fit[3], update=True)  # one big batch of past draws fits (mu, nu)
+    e, n, h, w, _ = draws(target, X, 30_000, gen, image_phi)
+    joint = est.apply(e, h, n, w, update=False)
+    mu, nu = est.coefficients()
+    v_joint, v_sds = _var(joint), _var(sds(e, n, w))
+    w2 = fit[3].view(-1, 1, 1, 1) ** 2
+    mu_alone = optimal_mu(reduce_to_shape(w2 * fit[0] * fit[2], "scalar"), reduce_to_shape(w2 * fit[2] ** 2, "scalar"))
+    v_alone = _var(ssd(e, h, mu_alone, w))
+    print(f"\n[joint] Var/Var_SDS = {v_joint / v_sds:.4f} (mu={mu:.3f}, nu={nu:.3f}); Stein term alone {v_alone / v_sds:.4f}")
+    assert v_joint <= v_sds * 1.001 and v_joint <= v_alone * 1.001
+    # Still unbiased: the mean equals SDS's mean (paired difference has zero mean).
+    diff = joint - sds(e, n, w)
+    assert zscores(diff).abs().max() < z_limit(diff[0].numel())
+    # Before any data it is exactly SDS.
+    fresh = LaggedJointMu()
+    assert torch.equal(fresh.apply(e[:8], h[:8], n[:8], w[:8], update=False), sds(e[:8], n[:8], w[:8]))

@@ -31,7 +31,7 @@ def test_ssd_runs_through_vae_decode_and_depth_model(tiny_latent_model, tiny_dep
     rows = _metrics(out)
     assert calls["decode"] >= 3  # phi(x_t) decodes the noisy latent every step
     assert all(0.0 <= r["phi"] <= 2.0 and "mu" in r for r in rows)
-    assert rows[0]["mu"] == pytest.approx(1.0)  # no past steps yet: the initial mu
+    assert rows[0]["mu"] == 0.0 and rows[0]["nu"] == 1.0  # no past steps yet: exactly SDS
     assert any("variance" in r for r in rows)
     assert (out / "variance.png").exists() and (out / "loss.png").exists()
     state = torch.load(out / "checkpoints" / "step_0000002.pt", weights_only=True)
@@ -41,9 +41,11 @@ def test_ssd_runs_through_vae_decode_and_depth_model(tiny_latent_model, tiny_dep
 def test_ssd_normal_baseline_on_pixel_model(tiny_pixel_model, tiny_depth_model, tmp_path):
     out = tmp_path / "ssd-normal"
     args = ["generate", "a red cube", "--out", str(out), f"model={tiny_pixel_model}", f"depth_model={tiny_depth_model}",
-            "engine=ssd", "guidance.baseline=normal", "steps=2", *FAST]
+            "engine=ssd", "guidance.baseline=normal", "guidance.keep_sds_cv=false", "guidance.mu_shape=channel", "steps=2", *FAST]
     assert main(args) == 0
-    assert all(0.0 <= r["phi"] <= 2.0 for r in _metrics(out))
+    rows = _metrics(out)
+    assert all(0.0 <= r["phi"] <= 2.0 and "nu" not in r for r in rows)
+    assert rows[0]["mu"] == pytest.approx(1.0)  # the Stein term alone starts at mu_init
 
 
 def test_vsd_trains_lora_and_resumes(tiny_latent_model, tmp_path):

@@ -20,9 +20,9 @@ class Distiller:
         self.mu = None
         self.lora = None
         if cfg.engine == "ssd":
-            from .stein import LaggedMu
+            from .stein import LaggedJointMu, LaggedMu
 
-            self.mu = LaggedMu(cfg.mu_shape, cfg.mu_decay, cfg.mu_init)
+            self.mu = LaggedJointMu(cfg.mu_decay) if cfg.keep_sds_cv else LaggedMu(cfg.mu_shape, cfg.mu_decay, cfg.mu_init)
             if cfg.baseline != "constant":
                 from .depth import load_depth_estimator
 
@@ -61,7 +61,12 @@ class Distiller:
         elif g.engine == "ssd":
             h, phi = self._control_variate(x_t, noise, t, render, cameras)
             mu_used = self.mu.summary()  # the mu applied to this sample (fitted on earlier steps)
-            grad = self.mu.apply(eps, h, weight, update=update)
+            if g.keep_sds_cv:
+                nu_used = self.mu.coefficients()[1]
+                grad = self.mu.apply(eps, h, noise, weight, update=update)
+                logs["nu"] = nu_used
+            else:
+                grad = self.mu.apply(eps, h, weight, update=update)
             logs.update(mu=mu_used, phi=float(phi.mean()))
         else:  # vsd
             a, s = guide.alpha_sigma(t)
@@ -104,6 +109,6 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         if self.mu is not None and "mu" in state:
             mu = state["mu"]
-            self.mu.load_state_dict({"eh": mu.get("eh"), "hh": mu.get("hh"), "n": mu.get("n", 0)})
+            self.mu.load_state_dict(mu if self.cfg.keep_sds_cv else {"eh": mu.get("eh"), "hh": mu.get("hh"), "n": mu.get("n", 0)})
         if self.lora is not None and "lora" in state:
             self.lora.load_state_dict(state["lora"])

@@ -113,3 +113,52 @@ class LaggedMu:
 
     def load_state_dict(self, state: dict) -> None:
         self._sums = MuSums(eh=state["eh"], hh=state["hh"], n=int(state["n"]))
+
+
+class LaggedJointMu:
+    """SSD with the SDS control variate kept: G = w (eps_hat + mu h - nu eps), (mu, nu) fitted jointly
+    on past steps by least squares (2x2 normal equations of E||G||^2, w^2-weighted sums).
+
+    Why: h_phi alone beats SDS only if the baseline family contains the constant. Since
+    mu h - nu eps = mu (sigma grad phi - eps (phi + nu / mu)), this is SSD with the baseline phi + c,
+    c fitted too: still a Stein control variate (zero mean), and (mu, nu) = (0, 1), plain SDS, is in
+    the family, so the optimum is never worse than SDS. Starts at (0, 1) until `warmup` updates."""
+
+    def __init__(self, decay: float = 0.99, warmup: int = 10, ridge: float = 1e-6):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError("decay must be in [0, 1)")
+        self.decay, self.warmup, self.ridge = decay, warmup, ridge
+        self.sums: torch.Tensor | None = None  # [hh, h(-eps), (-eps)(-eps), eps_hat h, eps_hat (-eps)]
+        self.n = 0
+
+    def coefficients(self) -> tuple[float, float]:
+        if self.n < self.warmup or self.sums is None:
+            return 0.0, 1.0
+        s = self.sums.double()
+        a = torch.stack([torch.stack([s[0], s[1]]), torch.stack([s[1], s[2]])])
+        a = a + self.ridge * torch.trace(a) * torch.eye(2, dtype=a.dtype)  # phi == const makes h parallel to eps
+        mu, nu = torch.linalg.solve(a, -s[3:5]).tolist()  # coefficients of h and of c2 = -eps
+        return mu, nu
+
+    def apply(self, eps_pred: torch.Tensor, h: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor | float = 1.0,
+              update: bool = True) -> torch.Tensor:
+        mu, nu = self.coefficients()
+        w = _bcast(weight, eps_pred)
+        g = w * (eps_pred + mu * h - nu * noise)
+        if update:
+            w2 = (w * w).expand_as(eps_pred)
+            c2 = -noise
+            new = torch.stack([(w2 * h * h).sum(), (w2 * h * c2).sum(), (w2 * c2 * c2).sum(),
+                               (w2 * eps_pred * h).sum(), (w2 * eps_pred * c2).sum()]).double().cpu()
+            self.sums = new if self.sums is None else self.decay * self.sums + (1 - self.decay) * new
+            self.n += 1
+        return g
+
+    def summary(self) -> float:
+        return self.coefficients()[0]
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "n": self.n} if self.sums is not None else {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.n = state.get("sums"), int(state.get("n", 0))

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--stage", choices=["auto", "nerf", "mesh"], default="auto")
     ren.add_argument("--frames", type=int, default=None)
     ren.add_argument("--size", type=int, default=None)
+    from .viewer import add_view_parser, add_viewer_args
+
+    add_viewer_args(gen)
+    add_view_parser(sub)
     return parser
 
 
@@ -124,7 +128,17 @@ def cmd_generate(args) -> int:
         (run_dir / "prompt.txt").write_text(args.prompt.strip() + "\n")
     except OSError as err:
         raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
-    result = generate(args.prompt, cfg, run_dir, resume=args.resume, show_progress=not args.quiet)
+    viewer = None
+    if args.viewer:
+        from .viewer import ViewerCallback
+
+        viewer = ViewerCallback(args.host, args.port, run_dir)
+    try:
+        result = generate(args.prompt, cfg, run_dir, resume=args.resume, show_progress=not args.quiet,
+                          callbacks=(viewer,) if viewer is not None else ())
+    finally:
+        if viewer is not None:
+            viewer.close()
     print(f"done: {result['steps']} steps in {result['seconds']:.1f} s -> {run_dir}")
     return 0
 
@@ -139,7 +153,13 @@ def _expand(overrides: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render}
+def cmd_view(args) -> int:
+    from .viewer import cmd_view as view
+
+    return view(args)
+
+
+COMMANDS = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:

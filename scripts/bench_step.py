@@ -83,12 +83,12 @@ def sd_shaped_guidance(device, dtype):
 
 
 def bench_engine(engine: str, args, device) -> dict:
-    overrides = [f"engine={engine}", f"train.device={device}", "train.variance_every=0", "train.batch_size=1"]
+    overrides = [f"engine={engine}", f"train.device={device}", "train.variance_every=0", "train.batch_size=1", *args.override]
     if args.model != "sd-shaped":  # the built-in model or any diffusers folder, with the toy preset's settings
         cfg = load_config("toy", None, overrides + [f"model={args.model}", f"depth_model={args.depth_model}"])
         guidance = DiffusionGuidance(args.model, device, True)
     else:
-        cfg = load_config("steindreamer", None, overrides + [f"resolution={args.resolution}", "guidance.baseline=constant" if args.no_depth else "guidance.baseline=depth"])
+        cfg = load_config("steindreamer", None, [f"resolution={args.resolution}", "guidance.baseline=constant" if args.no_depth else "guidance.baseline=depth"] + overrides)
         guidance = sd_shaped_guidance(device, torch.float16 if device.type == "cuda" else torch.float32)
     if args.model == "sd-shaped" and engine == "ssd" and not args.no_depth:
         cfg.guidance.depth_model = args.depth_model
@@ -142,6 +142,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out")
+    parser.add_argument("override", nargs="*", help="config overrides, key=value (e.g. resolution=64 render.samples=64)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

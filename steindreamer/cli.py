@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     ren.add_argument("--stage", choices=["auto", "nerf", "mesh"], default="auto")
     ren.add_argument("--frames", type=int, default=None)
     ren.add_argument("--size", type=int, default=None)
+    from . import batch
     from .viewer import add_view_parser, add_viewer_args
 
     add_viewer_args(gen)
     add_view_parser(sub)
+    batch.add_parser(sub)
     return parser
 
 
@@ -122,6 +124,12 @@ def cmd_generate(args) -> int:
             cfg = from_yaml_text(OmegaConf.to_yaml(merged))
     if args.no_mesh:
         cfg.mesh.enabled = False
+    # Model folders are checked before the heavy libraries load: a bad item fails in a second.
+    from .guidance.diffusion import resolve_model
+
+    resolve_model(cfg.guidance.model, "diffusion")
+    if cfg.guidance.engine == "ssd" and cfg.guidance.baseline != "constant":
+        resolve_model(cfg.guidance.depth_model, "depth")
     _prepare_run_dir(run_dir, args.resume, args.overwrite)
     try:
         atomic_write(saved, to_yaml(cfg))
@@ -159,7 +167,13 @@ def cmd_view(args) -> int:
     return view(args)
 
 
-COMMANDS = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "view": cmd_view}
+def cmd_batch(args) -> int:
+    from .batch import main as run_batch
+
+    return run_batch(args)
+
+
+COMMANDS = {"generate": cmd_generate, "export": cmd_export, "render": cmd_render, "view": cmd_view, "batch": cmd_batch}
 
 
 def main(argv: list[str] | None = None) -> int:

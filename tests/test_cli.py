@@ -8,7 +8,7 @@ import torch
 
 from steindreamer.cli import main
 
-FAST = ["resolution=16", "render.samples=16", "field.grid.levels=4", "field.grid.log2_table=12", "field.grid.max_res=64",
+FAST = ["engine=sds", "resolution=16", "render.samples=16", "field.grid.levels=4", "field.grid.log2_table=12", "field.grid.max_res=64",
         "train.val_every=2", "train.ckpt_every=2", "train.val_views=2", "mesh.enabled=false", "mesh.grid_resolution=32",
         "export.texture_size=32", "export.turntable=false", "--quiet"]
 

@@ -25,8 +25,8 @@ def test_ssd_runs_through_vae_decode_and_depth_model(tiny_latent_model, tiny_dep
 
     monkeypatch.setattr(DiffusionGuidance, "decode", counting_decode)
     out = tmp_path / "ssd"
-    args = ["generate", "a red cube", "--out", str(out), f"model={tiny_latent_model}", f"depth_model={tiny_depth_model}",
-            "engine=ssd", "steps=3", "train.variance_every=2", *FAST]
+    args = ["generate", "a red cube", "--out", str(out), *FAST, f"model={tiny_latent_model}", f"depth_model={tiny_depth_model}",
+            "engine=ssd", "steps=3", "train.variance_every=2"]
     assert main(args) == 0
     rows = _metrics(out)
     assert calls["decode"] >= 3  # phi(x_t) decodes the noisy latent every step
@@ -40,8 +40,8 @@ def test_ssd_runs_through_vae_decode_and_depth_model(tiny_latent_model, tiny_dep
 
 def test_ssd_normal_baseline_on_pixel_model(tiny_pixel_model, tiny_depth_model, tmp_path):
     out = tmp_path / "ssd-normal"
-    args = ["generate", "a red cube", "--out", str(out), f"model={tiny_pixel_model}", f"depth_model={tiny_depth_model}",
-            "engine=ssd", "guidance.baseline=normal", "guidance.keep_sds_cv=false", "guidance.mu_shape=channel", "steps=2", *FAST]
+    args = ["generate", "a red cube", "--out", str(out), *FAST, f"model={tiny_pixel_model}", f"depth_model={tiny_depth_model}",
+            "engine=ssd", "guidance.baseline=normal", "guidance.keep_sds_cv=false", "guidance.mu_shape=channel", "steps=2"]
     assert main(args) == 0
     rows = _metrics(out)
     assert all(0.0 <= r["phi"] <= 2.0 and "nu" not in r for r in rows)
@@ -51,7 +51,7 @@ def test_ssd_normal_baseline_on_pixel_model(tiny_pixel_model, tiny_depth_model, 
 def test_vsd_trains_lora_and_resumes(tiny_latent_model, tmp_path):
     out = tmp_path / "vsd"
     base = ["generate", "a red cube", "--out", str(out), "--quiet"]
-    assert main([*base, f"model={tiny_latent_model}", "engine=vsd", "steps=2", *FAST]) == 0
+    assert main([*base, *FAST, f"model={tiny_latent_model}", "engine=vsd", "steps=2"]) == 0
     first = torch.load(out / "checkpoints" / "step_0000002.pt", weights_only=True)["distiller"]["lora"]["lora"]
     assert first and all(torch.isfinite(v).all() for v in first.values())
     assert main([*base, "--resume", "steps=4"]) == 0
@@ -62,7 +62,7 @@ def test_vsd_trains_lora_and_resumes(tiny_latent_model, tmp_path):
 
 
 def test_missing_depth_model_is_a_user_error(tiny_latent_model, tmp_path, capsys):
-    args = ["generate", "a red cube", "--out", str(tmp_path / "r"), f"model={tiny_latent_model}", "depth_model=/nonexistent/depth",
-            "engine=ssd", "steps=1", *FAST]
+    args = ["generate", "a red cube", "--out", str(tmp_path / "r"), *FAST, f"model={tiny_latent_model}", "depth_model=/nonexistent/depth",
+            "engine=ssd", "steps=1"]
     assert main(args) == 2
     assert "model folder not found" in capsys.readouterr().err

@@ -86,10 +86,13 @@ def save_pipeline(pipe, folder: str | Path) -> None:
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], steps: int = 25, guidance: float = 3.0, seed: int = 0,
-                  eta: float = 0.0) -> torch.Tensor:
-    """RGB samples [B, H, W, 3] in [0, 1] for `prompts` (DDIM with classifier-free guidance; eta = 1
-    makes each step stochastic like DDPM)."""
+def sample_images(pipe, prompts: list[str], steps: int = 30, guidance: float = 3.0, seed: int = 0,
+                  eta: float = 1.0) -> torch.Tensor:
+    """RGB samples [B, H, W, 3] in [0, 1] for `prompts` (DDIM with classifier-free guidance).
+
+    eta = 1 (each step re-noised, like DDPM) by default: with the shipped, briefly trained model,
+    deterministic DDIM (eta = 0) leaves visible grain and a grey background (measured: colour right
+    30 % vs 95 % at 25 steps), while the stochastic steps wash those errors out."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=g, eta=eta).images
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()

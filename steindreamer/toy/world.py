@@ -212,7 +212,7 @@ def render_batch(pairs: list[tuple[str, str]], cameras: Cameras, height: int, wi
 
 
 def sample_views(n: int, generator: torch.Generator | None = None, overhead_fraction: float = 0.0) -> Cameras:
-    """TOY_CAMERA views; a fraction from higher up (elevation 60-85°) so "overhead view" gets trained
+    """TOY_CAMERA views; a fraction from higher up (elevation 62-85°) so "overhead view" gets trained
     too, even though TOY_CAMERA itself never reaches the overhead threshold."""
     cams = sample_cameras(TOY_CAMERA, n, generator)
     k = int(round(n * overhead_fraction))

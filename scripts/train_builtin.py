@@ -1,0 +1,311 @@
+"""Train the built-in toy models on renders of the toy world and ship them into steindreamer/builtin/.
+
+Stages (all by default, each resumable from --work-dir):
+  data   render a fixed pool of training views (32 colour-shape pairs, held-out pairs never rendered)
+  unet   pixel-space text-to-image diffusion (UNet + tiny CLIP text encoder), EMA weights kept
+  depth  tiny DPT depth estimator, scale-and-shift-invariant loss on disparity (MiDaS-style)
+  checker train the evaluation's shape classifier on exact renders (steindreamer/builtin/checker/)
+  export write the EMA UNet pipeline and the depth model into steindreamer/builtin/ (safetensors)
+
+CPU cost of the shipped weights (this project's 2-core machine, shared with other agents' jobs whose
+load swung between 2 and 10; torch 2.13, 1 thread per process because 2 threads under that
+contention ran 2-10x slower): pool of 8,000 views 1.5 min; UNet 70 min wall-clock (see
+diffusion/training.json for the steps; 0.7 s/step at batch 16 on a quiet core, 2.5-6 s under load);
+depth 12,000 steps at batch 16 (resumed at 600, 2,500, 5,000; the lr schedule restarts at
+each resume) ~35 min on the other core, 0.1-0.6 s/step; shape classifier 5.5 min.
+The run that produced them: batch 32 for the first 103 UNet steps, then batch 16 (resumed), min-SNR
+loss weighting until step 655, then plain ε-MSE (resumed with --loss-weighting uniform).
+A GPU runs the same script with --device cuda (e.g. --threads 8 --batch 128 --unet-steps 20000).
+
+    PYTHONPATH=. python scripts/train_builtin.py --work-dir /tmp/builtin_work
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from steindreamer.toy import model as M
+from steindreamer.toy.vocab import build_tokenizer
+from steindreamer.toy.world import HELD_OUT, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions
+
+
+def log(work: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(work / "train_log.txt", "a") as f:
+        f.write(line + "\n")
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------- data
+def make_pool(work: Path, n: int, seed: int) -> dict:
+    path = work / "pool.pt"
+    if path.exists():
+        return torch.load(path)
+    g = torch.Generator().manual_seed(seed)
+    rgb, disp, mask, pair_idx, captions = [], [], [], [], []
+    t0 = time.time()
+    for start in range(0, n, 64):
+        b = min(64, n - start)
+        idx = torch.randint(len(TRAIN_PAIRS), (b,), generator=g)
+        pairs = [TRAIN_PAIRS[i] for i in idx.tolist()]
+        cams = sample_views(b, g, overhead_fraction=0.15)  # the only source of "overhead view" captions
+        r = render_batch(pairs, cams, TOY_RESOLUTION, TOY_RESOLUTION, supersample=2)
+        rgb.append(r["rgb"].half())
+        disp.append(r["disparity"][..., 0].half())
+        mask.append(r["mask"][..., 0])
+        pair_idx.append(idx)
+        captions += view_captions(pairs, cams)
+    pool = {"rgb": torch.cat(rgb), "disparity": torch.cat(disp), "mask": torch.cat(mask),
+            "pair": torch.cat(pair_idx), "caption": captions}
+    save_atomic(pool, path)
+    log(work, f"rendered a pool of {n} views in {time.time() - t0:.0f} s")
+    return pool
+
+
+def lr_factor(progress: float, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to 5 %."""
+    if progress < warmup:
+        return progress / warmup
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+# --------------------------------------------------------------------------------- UNet
+def train_unet(args, work: Path, pool: dict) -> None:
+    dev = torch.device(args.device)
+    tok = build_tokenizer()
+    unet, te = M.build_unet().to(dev), M.build_text_encoder(len(tok)).to(dev)
+    sched = M.build_scheduler()
+    ab = sched.alphas_cumprod.to(dev)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    step, elapsed = 0, 0.0
+    ck = work / "unet_ckpt.pt"
+    if ck.exists():
+        s = torch.load(ck, map_location=dev)
+        unet.load_state_dict(s["unet"]), te.load_state_dict(s["te"]), opt.load_state_dict(s["opt"])
+        ema_unet.load_state_dict(s["ema_unet"]), ema_te.load_state_dict(s["ema_te"])
+        step, elapsed = s["step"], s["elapsed"]
+        torch.set_rng_state(s["rng"])
+        log(work, f"unet: resumed at step {step}")
+    gen = torch.Generator().manual_seed(args.seed + step)  # resumed runs stay seeded
+    n = len(pool["caption"])
+    captions = pool["caption"]
+    t_start, last_ck = time.time() - elapsed, time.time()
+    while step < args.unet_steps:
+        elapsed = time.time() - t_start
+        # Progress is by steps, or by wall-clock when --max-minutes would cut the run short, so the
+        # learning rate has always decayed by the end.
+        progress = step / args.unet_steps
+        if args.max_minutes:
+            progress = max(progress, elapsed / (60 * args.max_minutes))
+            if progress >= 1:
+                break
+        for grp in opt.param_groups:
+            grp["lr"] = args.lr * lr_factor(progress, args.warmup)
+        idx = torch.randint(n, (args.batch,), generator=gen)
+        x0 = pool["rgb"][idx].float().permute(0, 3, 1, 2).to(dev) * 2 - 1
+        texts = []
+        for i in idx.tolist():
+            u = torch.rand((), generator=gen).item()
+            # 10 % unconditional (for CFG), 20 % the bare caption, the rest with the view suffix.
+            texts.append("" if u < 0.1 else captions[i].split(",")[0] if u < 0.3 else captions[i])
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(dev)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        a = ab[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, encoder_hidden_states=te(ids).last_hidden_state).sample
+        # Plain ε-MSE by default. Min-SNR-5 (weight min(SNR, 5)/SNR) was tried first: it starves the low
+        # noise levels, and after 500 steps DDIM samples kept visible grain that DDPM sampling did not.
+        snr = (a / (1 - a)).view(-1)
+        w = torch.clamp(snr, max=5.0) / snr if args.loss_weighting == "minsnr" else torch.ones_like(snr)
+        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(list(ema_unet.parameters()) + list(ema_te.parameters()), params):
+                e.lerp_(p, 1 - decay)
+        if step % 25 == 0:
+            log(work, f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                      f"{(time.time() - t_start) / 60:.1f} min")
+        final = step >= args.unet_steps
+        if final or time.time() - last_ck > 60 * args.ckpt_minutes:
+            save_atomic({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                         "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": step,
+                         "elapsed": time.time() - t_start, "rng": torch.get_rng_state()}, ck)
+            last_ck = time.time()
+        if step % args.sample_every == 0 or final:
+            sample_grid(ema_unet, ema_te, tok, work / f"samples_{step:05d}.png")
+    s = torch.load(ck, map_location="cpu") if ck.exists() else None
+    if s is not None and s["step"] != step:  # stopped by --max-minutes: keep the latest weights
+        save_atomic({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                     "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": step,
+                     "elapsed": time.time() - t_start, "rng": torch.get_rng_state()}, ck)
+    log(work, f"unet: done, {step} steps, {(time.time() - t_start) / 60:.1f} min")
+
+
+GRID_PAIRS = [("red", "cube"), ("blue", "sphere"), ("orange", "cylinder"), ("purple", "torus"), ("green", "pyramid"),
+              ("yellow", "cone"), *HELD_OUT]
+
+
+@torch.no_grad()
+def sample_grid(unet, te, tok, path: Path, per: int = 2) -> None:
+    import imageio.v3 as iio
+
+    pipe = M.build_pipeline(copy.deepcopy(unet).cpu(), copy.deepcopy(te).cpu(), tok, M.build_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    views = ["front view", "back view"]
+    prompts = [f"{caption(c, s)}, {views[k]}" for c, s in GRID_PAIRS for k in range(per)]
+    img = M.sample_images(pipe, prompts, steps=25, guidance=3.0, seed=0)
+    h = img.shape[1]
+    grid = img.reshape(len(GRID_PAIRS), per, h, h, 3).permute(0, 2, 1, 3, 4).reshape(len(GRID_PAIRS) * h, per * h, 3)
+    iio.imwrite(path, (grid.numpy() * 255).round().astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------- depth
+def align_scale_shift(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-image least-squares s ≥ 0, b minimising ||s pred + b - target||² over mask; returns s pred + b.
+    (s ≥ 0: an inverted prediction must not be rewarded.)"""
+    m = mask.float()
+    n = m.sum(dim=(1, 2)).clamp(min=1)
+    mp, mt = (m * pred).sum(dim=(1, 2)) / n, (m * target).sum(dim=(1, 2)) / n
+    cov = (m * (pred - mp[:, None, None]) * (target - mt[:, None, None])).sum(dim=(1, 2))
+    var = (m * (pred - mp[:, None, None]) ** 2).sum(dim=(1, 2)).clamp(min=1e-8)
+    s = (cov / var).clamp(min=0)
+    return s[:, None, None] * (pred - mp[:, None, None]) + mt[:, None, None]
+
+
+def ssi_loss(pred, target, mask):
+    return ((align_scale_shift(pred, target, mask) - target).abs() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def train_depth(args, work: Path, pool: dict) -> None:
+    dev = torch.device(args.device)
+    model = M.build_depth_model().to(dev).train()
+    # Train without the head's final ReLU (two ReLU-headed runs died: every output 0, no gradient). The
+    # shipped model has it back; it only clips negatives, where the true disparity (≥ 0) cannot be.
+    final_relu = model.head.head[5]
+    model.head.head[5] = torch.nn.Identity()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.depth_lr, weight_decay=0.01)
+    step, ck = 0, work / "depth_ckpt.pt"
+    if ck.exists():
+        s = torch.load(ck, map_location=dev)
+        model.load_state_dict(s["model"]), opt.load_state_dict(s["opt"])
+        step = s["step"]
+        log(work, f"depth: resumed at step {step}")
+    gen = torch.Generator().manual_seed(args.seed + 1000 + step)
+    n, t0, last = len(pool["caption"]), time.time(), time.time()
+    while step < args.depth_steps:
+        for grp in opt.param_groups:
+            grp["lr"] = args.depth_lr * lr_factor(step / args.depth_steps, 0.05)
+        idx = torch.randint(n, (args.batch,), generator=gen)
+        rgb = pool["rgb"][idx].float().to(dev)
+        disp = pool["disparity"][idx].float().to(dev)
+        fg = pool["mask"][idx].float().to(dev)
+        pred = M.predict_disparity(model, rgb)
+        everywhere = torch.ones_like(fg)
+        # SSI over the whole image (object vs empty background, disparity 0) plus SSI on the object alone
+        # (its relief), plus an absolute term so raw outputs stay in disparity units (and alive).
+        loss = ssi_loss(pred, disp, everywhere) + ssi_loss(pred, disp, fg) + 0.5 * (pred - disp).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(work, f"depth step {step} loss {loss.item():.4f} pred object/background "
+                      f"{pred[fg > 0].mean().item():.3f}/{pred[fg == 0].mean().item():.3f} {(time.time() - t0) / 60:.1f} min")
+        if step == args.depth_steps or time.time() - last > 60 * args.ckpt_minutes:
+            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+            last = time.time()
+    model.head.head[5] = final_relu
+    log(work, f"depth: done, {step} steps, {(time.time() - t0) / 60:.1f} min this run")
+
+
+# --------------------------------------------------------------------------------- export
+def export(args, work: Path) -> None:
+    tok = build_tokenizer()
+    s = torch.load(work / "unet_ckpt.pt", map_location="cpu")
+    unet, te = M.build_unet(), M.build_text_encoder(len(tok))
+    unet.load_state_dict(s["ema_unet"]), te.load_state_dict(s["ema_te"])  # ship the EMA weights
+    out = Path(args.out_dir)
+    M.save_pipeline(M.build_pipeline(unet.eval(), te.eval(), tok, M.build_scheduler()), out / "diffusion")
+    d = M.build_depth_model()
+    d.load_state_dict(torch.load(work / "depth_ckpt.pt", map_location="cpu")["model"])
+    d.eval().save_pretrained(str(out / "depth"), safe_serialization=True)
+    M.build_depth_processor().save_pretrained(str(out / "depth"))
+    info = {"unet_steps": s["step"], "unet_minutes": round(s["elapsed"] / 60, 1),
+            "train_pairs": len(TRAIN_PAIRS), "held_out": [list(p) for p in HELD_OUT]}
+    (out / "diffusion" / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+    log(work, f"exported to {out} ({size:.1f} MB): {info}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-dir", default="/tmp/steindreamer_builtin")
+    ap.add_argument("--out-dir", default=str(M.BUILTIN_DIR))
+    ap.add_argument("--stages", default="data,unet,depth,checker,export")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest while other jobs share 2 cores")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=8000, help="number of pre-rendered training views")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--unet-steps", type=int, default=4800)
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget of the UNet stage (0: none)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the run")
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--loss-weighting", choices=["uniform", "minsnr"], default="uniform")
+    ap.add_argument("--depth-steps", type=int, default=5000)
+    ap.add_argument("--depth-lr", type=float, default=1e-3)
+    ap.add_argument("--ckpt-minutes", type=float, default=3.0)
+    ap.add_argument("--sample-every", type=int, default=500)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed), random.seed(args.seed), np.random.seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = args.stages.split(",")
+    log(work, f"stages {stages} args {vars(args)}")
+    pool = make_pool(work, args.pool, args.seed) if {"data", "unet", "depth"} & set(stages) else None
+    if "unet" in stages:
+        train_unet(args, work, pool)
+    if "depth" in stages:
+        train_depth(args, work, pool)
+    if "checker" in stages:
+        from steindreamer.toy import checker
+
+        t0 = time.time()
+        net = checker.train_shape_classifier(seed=args.seed, log=lambda m: log(work, m))
+        checker.save_shape_classifier(net, Path(args.out_dir) / "checker" / "shape_classifier.safetensors")
+        log(work, f"shape classifier: accuracy on fresh renders {checker.shape_accuracy(net):.3f}, "
+                  f"{(time.time() - t0) / 60:.1f} min")
+    if "export" in stages:
+        export(args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,7 @@ def test_solid_sphere_matches_analytic_opacity_and_depth():
     opacity = 1 - math.exp(-sigma * length)
     # Expected hit distance given a hit: entry + mean of an exponential truncated to the chord.
     mean_s = 1 / sigma - length * math.exp(-sigma * length) / (1 - math.exp(-sigma * length))
+    out = {k: v.detach() for k, v in out.items()}
     assert abs(float(out["opacity"]) - opacity) < 2e-3
     assert abs(float(out["depth"]) - (dist - r + mean_s)) < 5e-3
     assert abs(float(out["disparity"]) - 1 / (dist - r + mean_s)) < 5e-3

@@ -94,6 +94,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         probe = run_dir / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
+        if resume:  # temp files of writes cut by a crash (the NeRF stage sweeps checkpoints/)
+            for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("renders/.*.tmp")]:
+                stale.unlink(missing_ok=True)
     except OSError as err:
         raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
 
@@ -144,11 +147,18 @@ def cmd_generate(args) -> int:
     try:
         result = generate(args.prompt, cfg, run_dir, resume=args.resume, show_progress=not args.quiet,
                           callbacks=(viewer,) if viewer is not None else ())
+    except OSError as err:  # e.g. the disk filled up mid-run; every file written is whole (fsio)
+        raise RunFailed(f"{_os_error(err)}; the run folder keeps its last complete checkpoint: "
+                        "free some space (or fix the folder) and continue with --resume") from None
     finally:
         if viewer is not None:
             viewer.close()
     print(f"done: {result['steps']} steps in {result['seconds']:.1f} s -> {run_dir}")
     return 0
+
+
+def _os_error(err: OSError) -> str:
+    return f"{err.strerror or err}: {err.filename}" if err.filename else str(err.strerror or err)
 
 
 def _expand(overrides: list[str]) -> list[str]:
@@ -194,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk or lost folder in export/render/...: one line, no traceback
+        print(f"error: {_os_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

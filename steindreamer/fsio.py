@@ -29,6 +29,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.errno is None or err.filename not in (None, tmp, str(tmp)):
+            raise  # not about this file, or already named by an inner write
+        # Name the file the user asked for (not our hidden temp file) in e.g. a disk-full message.
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -43,6 +48,33 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None
     """Run `writer(tmp_path)` (e.g. safetensors' save_file, trimesh export) and move the result into place."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def atomic_write_all(items: list[tuple[str | os.PathLike, bytes | str]]) -> None:
+    """Several files, all or none: every temp file is written before any is renamed; the renames go
+    in list order (put the file that refers to the others last)."""
+    with contextlib.ExitStack() as stack:
+        for path, data in reversed(items):
+            stack.enter_context(_staged(path, data))
+
+
+@contextlib.contextmanager
+def _staged(path, data: bytes | str) -> Iterator[None]:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        yield
+
+
+def atomic_torch_save(path: str | os.PathLike, obj) -> None:
+    """torch.save, atomically. Through a Python file object: on a full disk torch's own path writer
+    raises an opaque RuntimeError, a file object raises OSError(ENOSPC)."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_save(path, write)
 
 
 def _fsync_dir(folder: Path) -> None:

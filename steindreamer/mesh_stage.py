@@ -16,7 +16,7 @@ from .config import Config
 from .errors import UserError
 from .export.extract import ExtractionError, extract_mesh
 from .field.mesh import MeshField
-from .fsio import atomic_save
+from .fsio import atomic_torch_save
 from .guidance.engines import injected_loss
 from .progress import StepProgress
 from .render.shading import sample_light, sample_mode
@@ -119,7 +119,7 @@ def restore_mesh_stage(nerf: NeRFStage, path: Path) -> MeshStage:
 def save_mesh_checkpoint(run_dir: Path, stage: MeshStage, keep: int) -> Path:
     path = Path(run_dir) / "checkpoints" / f"{MESH_PREFIX}{stage.step_index:07d}.pt"
     state = stage.state()
-    atomic_save(path, lambda tmp: torch.save(state, tmp))
+    atomic_torch_save(path, state)
     for old in mesh_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

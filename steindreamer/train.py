@@ -17,7 +17,7 @@ from .cameras import orbit_cameras, sample_cameras, view_prompt, view_suffixes, 
 from .config import Config, to_yaml
 from .errors import RunFailed, UserError
 from .field.nerf import Background, NeRFField
-from .fsio import atomic_save, atomic_write
+from .fsio import atomic_save, atomic_torch_save, atomic_write
 from .guidance.diffusion import DiffusionGuidance, pick_device
 from .guidance.distill import Distiller
 from .guidance.engines import injected_loss
@@ -212,7 +212,7 @@ class NeRFStage:
 def save_checkpoint(paths: RunPaths, stage: NeRFStage, keep: int) -> Path:
     path = paths.checkpoint(stage.step_index)
     state = stage.state()
-    atomic_save(path, lambda tmp: torch.save(state, tmp))
+    atomic_torch_save(path, state)
     # Older checkpoints go only once the new one is complete on disk.
     for old in sorted(paths.checkpoints.glob(f"{CKPT_PREFIX}*.pt"))[:-keep]:
         old.unlink(missing_ok=True)

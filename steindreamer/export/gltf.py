@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steindreamer.fsio import atomic_write
+from steindreamer.fsio import atomic_write, atomic_write_all
 
 
 def _image(texture_uint8: np.ndarray):
@@ -90,10 +90,12 @@ def write_obj(
     if f"{stem}.mtl" not in files or "map_Kd" not in files[f"{stem}.mtl"].decode():
         raise RuntimeError("trimesh did not produce a textured MTL")  # its exporter swallows errors
     out = {}
+    items = []
     for name, data in sorted(files.items(), key=lambda kv: kv[0].endswith(".mtl")):
-        atomic_write(path.parent / name, data)
+        items.append((path.parent / name, data))
         out["mtl" if name.endswith(".mtl") else "texture"] = path.parent / name
-    atomic_write(path, text)
+    # All or none (a full disk must not leave an old OBJ beside a new texture); the OBJ goes last.
+    atomic_write_all([*items, (path, text)])
     out["obj"] = path
     return out
 

@@ -225,6 +225,10 @@ def validate(cfg: Config) -> None:
     _check(1 <= f.grid.log2_table <= 24, "field.grid.log2_table", "in [1, 24]")
     _check(1 <= f.grid.base_res <= f.grid.max_res, "field.grid.base_res/max_res", "1 <= base_res <= max_res")
     _check(f.grid.backend in ("auto", "torch", "tcnn"), "field.grid.backend", "one of auto, torch, tcnn")
+    o = f.occupancy
+    _check(o.resolution == 0 or 8 <= o.resolution <= 256, "field.occupancy.resolution", "0 (off) or in [8, 256]")
+    _check(o.update_every >= 1, "field.occupancy.update_every", ">= 1")
+    _check(0 < o.threshold < 1 and 0 <= o.decay <= 1, "field.occupancy.threshold/decay", "threshold in (0, 1), decay in [0, 1]")
     _check(cfg.background.kind in ("mlp", "white", "black"), "background.kind", "one of mlp, white, black")
     _check(0.0 <= cfg.background.random_p <= 1.0, "background.random_p", "in [0, 1]")
     s = cfg.shading

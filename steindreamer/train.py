@@ -159,6 +159,9 @@ class NeRFStage:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         timings["backward"] = time.perf_counter() - t2
+        grid = self.field.occupancy
+        if grid is not None and self.step_index % grid.cfg.update_every == 0:
+            logs["occupied"] = grid.update(self.field.density, self.generator)
         self.step_index += 1
         return {"loss": float(loss.detach()) if not skipped else float("nan"), "t": int(t[0]), "skipped": skipped, **logs,
                 "grad_norm": float(grad.norm() / math.sqrt(grad.numel())), "opacity": float(out["opacity"].detach().mean()), **{f"time_{k}": v for k, v in timings.items()}}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..render.occupancy import OccupancyConfig, OccupancyGrid
 from .hashgrid import HashGridConfig, make_hashgrid
 
 
@@ -18,6 +19,7 @@ class FieldConfig:
     bound: float = 1.0  # radius of the scene sphere; the field lives in [-bound, bound]^3
     blob_density: float = 10.0  # Magic3D blob: density bias scale * (1 - |x| / radius) ...
     blob_radius: float = 0.5
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)  # skip empty space when rendering
 
 
 @dataclass
@@ -42,6 +44,7 @@ class NeRFField(nn.Module):
         self.cfg = cfg
         self.encoding = make_hashgrid(cfg.grid, cfg.bound, device)
         self.net = mlp(self.encoding.out_dim, cfg.hidden, 4, cfg.layers)
+        self.occupancy = OccupancyGrid(cfg.occupancy, cfg.bound) if cfg.occupancy.resolution > 0 else None
 
     def density_bias(self, x: torch.Tensor) -> torch.Tensor:
         # Magic3D's blob: a dense ball at the origin so early gradients shape an object, not fog.

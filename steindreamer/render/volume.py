@@ -81,6 +81,24 @@ def density_normals(field, points: torch.Tensor, create_graph: bool) -> tuple[to
     return sigma, albedo, normals
 
 
+def evaluate_field(field, points: torch.Tensor, normals: bool):
+    """Density [R, S], albedo [R, S, 3] and (if asked) normals at samples [R, S, 3]. With the field's
+    occupancy grid, the field runs only on samples in occupied cells; the others are empty (σ = 0)."""
+    grid = getattr(field, "occupancy", None)
+    keep = grid.query(points) if grid is not None else None
+    if keep is not None and bool(keep.all()):
+        keep = None
+    pts = points if keep is None else points[keep]
+    if normals:
+        sigma, albedo, nrm = density_normals(field, pts, create_graph=torch.is_grad_enabled())
+    else:
+        (sigma, albedo), nrm = field(pts), None
+    if keep is None:
+        return sigma, albedo, nrm
+    scatter = lambda v: v.new_zeros(*keep.shape, *v.shape[1:]).masked_scatter(keep.view(*keep.shape, *[1] * (v.dim() - 1)).expand(*keep.shape, *v.shape[1:]), v)  # noqa: E731
+    return scatter(sigma), scatter(albedo), None if nrm is None else scatter(nrm)
+
+
 def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading: str = "albedo", light_dir=None,
                 need_normals: bool = False, generator=None, perturb: bool = True, ambient: float = 0.1) -> dict:
     """Render R rays. origins/dirs [R, 3], background_rgb [R, 3], light_dir [R, 3] (for shading)."""
@@ -89,11 +107,7 @@ def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading
     t0, t1 = stratified_samples(near, far, cfg.samples, generator, perturb)
     t_mid = 0.5 * (t0 + t1)
     points = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]  # [R, S, 3]
-    normals = None
-    if need_normals or shading != "albedo":
-        sigma, albedo, normals = density_normals(field, points, create_graph=torch.is_grad_enabled())
-    else:
-        sigma, albedo = field(points)
+    sigma, albedo, normals = evaluate_field(field, points, need_normals or shading != "albedo")
     weights = render_weights(sigma, t0, t1, backend)
     color = shade(albedo, normals, light_dir[:, None, :].expand_as(points) if light_dir is not None else None, shading, ambient)
     opacity = accumulate(weights)

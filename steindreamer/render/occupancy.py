@@ -1,0 +1,72 @@
+"""Occupancy grid (Instant-NGP / nerfacc's estimator, in plain torch): a coarse R³ grid over the
+field's cube that remembers where density can be non-zero, so the renderer evaluates the field
+(forward and backward, the bulk of a step's cost) only at samples inside occupied cells.
+
+Same rules as nerfacc's `OccGridEstimator`: every `update_every` steps each cell's density is
+sampled at a jittered point, kept as an exponential moving maximum, and a cell is occupied when
+that value's opacity over one cell, 1 - exp(-σ·cell), exceeds min(threshold, the grid's mean).
+The mask is dilated by one cell, so a surface can grow into empty space one cell per update.
+Grid state is a buffer: it is saved in checkpoints with the field and resumes bit-identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OccupancyConfig:
+    resolution: int = 64  # cells along each axis; 0 turns the grid off (every sample is evaluated)
+    update_every: int = 16  # steps between updates
+    threshold: float = 0.01  # opacity over one cell above which the cell is occupied (nerfacc's occ_thre)
+    decay: float = 0.95  # moving-maximum decay per update (nerfacc's ema_decay)
+
+
+def cell_centres(resolution: int, bound: float, device=None) -> torch.Tensor:
+    """Centres of the R³ cells of [-bound, bound]³, [R, R, R, 3], indexed [x, y, z] ("ij")."""
+    c = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) / resolution * 2 * bound - bound
+    return torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1)
+
+
+class OccupancyGrid(nn.Module):
+    def __init__(self, cfg: OccupancyConfig, bound: float):
+        super().__init__()
+        self.cfg, self.bound = cfg, bound
+        r = cfg.resolution
+        # Until the first update every cell counts as occupied (nothing is skipped).
+        self.register_buffer("density", torch.full((r, r, r), float("inf")))
+        self.register_buffer("mask", torch.ones(r, r, r, dtype=torch.bool))
+
+    @property
+    def cell(self) -> float:
+        return 2 * self.bound / self.cfg.resolution
+
+    @torch.no_grad()
+    def update(self, density_fn, generator: torch.Generator | None = None, chunk: int = 65536) -> float:
+        """Re-sample every cell's density (jittered inside the cell) into the moving maximum and
+        rebuild the mask; returns the occupied fraction. density_fn: points [N, 3] -> σ [N]."""
+        r, dev = self.cfg.resolution, self.density.device
+        jitter = (torch.rand(r, r, r, 3, generator=generator) - 0.5).to(dev) * self.cell
+        pts = (cell_centres(r, self.bound, dev) + jitter).reshape(-1, 3)
+        sigma = torch.cat([density_fn(pts[i:i + chunk]).float().reshape(-1) for i in range(0, pts.shape[0], chunk)])
+        old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
+        self.density.copy_(torch.maximum(old * self.cfg.decay, sigma.view(r, r, r)))
+        self.mask.copy_(occupied_cells(self.density, self.cell, self.cfg.threshold))
+        return float(self.mask.float().mean())
+
+    def query(self, points: torch.Tensor) -> torch.Tensor:
+        """Boolean [...] for points [..., 3]: True where the point's cell is occupied (or outside the grid)."""
+        r = self.cfg.resolution
+        idx = ((points / self.bound) * 0.5 + 0.5) * r
+        inside = ((idx >= 0) & (idx < r)).all(-1)
+        i = idx.long().clamp(0, r - 1)
+        return self.mask[i[..., 0], i[..., 1], i[..., 2]] | ~inside
+
+
+def occupied_cells(density: torch.Tensor, cell: float, threshold: float) -> torch.Tensor:
+    """nerfacc's rule (opacity over one cell above min(threshold, mean)), dilated by one cell."""
+    alpha = 1.0 - torch.exp(-density * cell)
+    occ = alpha > min(threshold, float(alpha.mean()))
+    return nn.functional.max_pool3d(occ[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0

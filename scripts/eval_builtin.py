@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--depth", default=str(M.DEPTH_DIR))
     ap.add_argument("--n", type=int, default=8, help="samples per caption")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: stochastic, DDPM-like; 0 leaves grain)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--depth-batches", type=int, default=8)

@@ -41,7 +41,7 @@ def test_diffusion_folder_loads_with_stock_classes(pipe):
 
 
 def test_red_cube_sample_is_red_on_white(pipe):
-    rgb = M.sample_images(pipe, ["a red cube, front view"] * 4, steps=20, guidance=3.0, seed=0, eta=1.0)
+    rgb = M.sample_images(pipe, ["a red cube, front view"] * 4, steps=20, guidance=1.5, seed=0, eta=1.0)
     assert rgb.shape == (4, TOY_RESOLUTION, TOY_RESOLUTION, 3)
     # Thresholds sit below what the shipped model gives for these seeds (colour share 0.80-0.83,
     # object 24-52 % of the frame, background 0.09-0.15 from white, 4/4 judged cubes); exact renders

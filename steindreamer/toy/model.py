@@ -86,7 +86,7 @@ def save_pipeline(pipe, folder: str | Path) -> None:
 
 
 @torch.no_grad()
-def sample_images(pipe, prompts: list[str], steps: int = 30, guidance: float = 3.0, seed: int = 0,
+def sample_images(pipe, prompts: list[str], steps: int = 30, guidance: float = 1.5, seed: int = 0,
                   eta: float = 1.0) -> torch.Tensor:
     """RGB samples [B, H, W, 3] in [0, 1] for `prompts` (DDIM with classifier-free guidance).
 

@@ -177,10 +177,10 @@ def _render(shape: str, albedo: torch.Tensor, cameras: Cameras, height: int, wid
     t, hit = _trace(SDFS[shape], o, d)
     normal = torch.zeros_like(o)
     normal[hit] = _normal(SDFS[shape], o[hit] + t[hit, None] * d[hit])
-    light = torch.nn.functional.normalize(torch.tensor(LIGHT_DIR), dim=0)
+    light = torch.nn.functional.normalize(torch.tensor(LIGHT_DIR, device=o.device), dim=0)
     shade = AMBIENT + DIFFUSE * (normal @ light).clamp(min=0)
     m = hit[:, None].float()
-    alb = albedo[:, None, :].expand(bsz, hh * ww, 3).reshape(-1, 3)
+    alb = albedo.to(o.device)[:, None, :].expand(bsz, hh * ww, 3).reshape(-1, 3)
     rgb = m * (alb * shade[:, None]).clamp(0, 1) + (1 - m)  # white background
     depth = torch.where(hit, t, torch.zeros_like(t))[:, None]
     disparity = torch.where(hit, 1 / t.clamp(min=1e-6), torch.zeros_like(t))[:, None]
@@ -200,14 +200,15 @@ def _render(shape: str, albedo: torch.Tensor, cameras: Cameras, height: int, wid
 
 def render_batch(pairs: list[tuple[str, str]], cameras: Cameras, height: int, width: int,
                  supersample: int = 1) -> dict[str, torch.Tensor]:
-    """Render a mixed batch: pairs[i] = (colour, shape) seen from cameras[i]."""
+    """Render a mixed batch: pairs[i] = (colour, shape) seen from cameras[i] (on the cameras' device)."""
     out: dict[str, torch.Tensor] = {}
+    device = cameras.c2w.device
     for shape in sorted({s for _, s in pairs}):  # one trace per shape; colour is only the albedo
-        idx = torch.tensor([i for i, (_, s) in enumerate(pairs) if s == shape])
+        idx = torch.tensor([i for i, (_, s) in enumerate(pairs) if s == shape], device=device)
         albedo = torch.tensor([PALETTE[pairs[i][0]] for i in idx.tolist()], dtype=torch.float32)
         r = _render(shape, albedo, cameras[idx], height, width, supersample)
         for k, v in r.items():
-            out.setdefault(k, torch.zeros(len(pairs), *v.shape[1:], dtype=v.dtype))[idx] = v
+            out.setdefault(k, torch.zeros(len(pairs), *v.shape[1:], dtype=v.dtype, device=device))[idx] = v
     return out
 
 

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path next to `path`; on success it is fsynced and renamed onto `path`."""
@@ -27,6 +31,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; outputs get the permissions a plain open() would give them.
+        if not tmp.is_symlink():
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:

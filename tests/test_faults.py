@@ -287,3 +287,13 @@ def test_memory_flat_over_a_long_run(tiny_pixel_model, tmp_path):
     assert t199 <= t60 + 4, (t60, t100, t199)
     assert o199 <= o60 + 100, (o60, o100, o199)
     assert seen["grown"] < 256 * 1024, seen["top"]  # measured ~50 KB of transient objects per 100 steps
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """mkstemp's temp files are 0600; finished outputs must be readable like any file the user makes."""
+    from steindreamer import fsio
+
+    target = tmp_path / "model.glb"
+    fsio.atomic_write(target, b"glTF")
+    assert target.read_bytes() == b"glTF"
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~fsio._UMASK

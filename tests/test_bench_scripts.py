@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end (tiny sizes) and write the JSON their issues name."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from steindreamer.toy.model import DIFFUSION_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (DIFFUSION_DIR / "model_index.json").exists(), reason="built-in model not shipped")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_to_reach_needs_the_level_held_to_the_end():
+    bench = _load("bench_engines")
+    series = [{"step": s, "mean_iou": q, "colour_error": 0.0} for s, q in [(0, 0.2), (10, 0.8), (20, 0.3), (30, 0.7), (40, 0.75)]]
+    # Running means of two checks: 0.2, 0.5, 0.55, 0.5, 0.725 -> at or above 0.5 from step 10 on.
+    assert bench.steps_to_reach(series, 0.5) == 10
+    assert bench.steps_to_reach(series, 0.7) == 40
+    assert bench.steps_to_reach(series, 0.9) is None
+    assert bench.final_quality(series) == pytest.approx(0.725)
+
+
+def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
+    out = tmp_path / "engines.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",
+           "--draws", "2", "--adapt", "1", "--out", str(out), "--png", str(tmp_path / "engines.png"), "train.batch_size=1", "render.samples=16"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    for key in ("variance_ratio_ssd_sds", "variance_ratio_ssd_vsd", "step_time_ratio_ssd_sds", "step_time_ratio_ssd_vsd"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert "steps_ratio_ssd_to_sds_quality" in res
+    assert [p["step"] for p in res["quality"]["ssd"]] == [0, 2, 4]
+    assert (tmp_path / "engines.png").read_bytes()[:4] == b"\x89PNG"
+
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--engines", "sds,ssd", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["device"].startswith("cpu")
+    for engine in ("sds", "ssd"):
+        e = res["engines"][engine]
+        assert e["step_seconds"] > e["unet_cfg_seconds"] > 0
+        assert e["step_over_unet"] == pytest.approx(e["step_seconds"] / e["unet_cfg_seconds"])
+        assert {"render", "backward", "unet_cfg"} <= set(e["breakdown"])
+    assert res["step_time_ratio_ssd_sds"] > 0

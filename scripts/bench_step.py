@@ -111,6 +111,9 @@ def bench_engine(engine: str, args, device) -> dict:
             with clock("optimizer"):
                 stage.optimizer.step()
                 stage.optimizer.zero_grad(set_to_none=True)
+            with clock("occupancy"):  # as NeRFStage.step does (every update_every steps)
+                stage.update_occupancy()
+                stage.step_index += 1
         # The parts of the guidance call, each measured alone on the same inputs.
         with torch.no_grad():
             x_t = guidance.add_noise(x.detach().float(), noise, t)

@@ -159,12 +159,19 @@ class NeRFStage:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         timings["backward"] = time.perf_counter() - t2
-        grid = self.field.occupancy
-        if grid is not None and self.step_index % grid.cfg.update_every == 0:
-            logs["occupied"] = grid.update(self.field.density, self.generator)
+        occupied = self.update_occupancy()
+        if occupied is not None:
+            logs["occupied"] = occupied
         self.step_index += 1
         return {"loss": float(loss.detach()) if not skipped else float("nan"), "t": int(t[0]), "skipped": skipped, **logs,
                 "grad_norm": float(grad.norm() / math.sqrt(grad.numel())), "opacity": float(out["opacity"].detach().mean()), **{f"time_{k}": v for k, v in timings.items()}}
+
+    def update_occupancy(self) -> float | None:
+        """Every `update_every` steps, refresh the occupancy grid; returns the occupied fraction then."""
+        grid = self.field.occupancy
+        if grid is None or self.step_index % grid.cfg.update_every != 0:
+            return None
+        return grid.update(self.field.density, self.generator)
 
     def draw_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.guidance.sample_t(x.shape[0], self.cfg.guidance.t_min, self.t_max(), self.generator)

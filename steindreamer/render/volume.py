@@ -95,8 +95,14 @@ def evaluate_field(field, points: torch.Tensor, normals: bool):
         (sigma, albedo), nrm = field(pts), None
     if keep is None:
         return sigma, albedo, nrm
-    scatter = lambda v: v.new_zeros(*keep.shape, *v.shape[1:]).masked_scatter(keep.view(*keep.shape, *[1] * (v.dim() - 1)).expand(*keep.shape, *v.shape[1:]), v)  # noqa: E731
-    return scatter(sigma), scatter(albedo), None if nrm is None else scatter(nrm)
+    return _unpack(sigma, keep), _unpack(albedo, keep), None if nrm is None else _unpack(nrm, keep)
+
+
+def _unpack(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Packed values [K, ...] back to [R, S, ...] (zeros where keep is False), differentiably."""
+    tail = values.shape[1:]
+    mask = keep.view(*keep.shape, *[1] * len(tail)).expand(*keep.shape, *tail)
+    return values.new_zeros(*keep.shape, *tail).masked_scatter(mask, values)
 
 
 def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading: str = "albedo", light_dir=None,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import steindreamer
 from steindreamer import batch
 
 # Tiny settings (as FAST in test_cli.py) plus an explicit engine, so a change of the default preset
@@ -22,7 +23,7 @@ from steindreamer import batch
 FAST = ["engine=sds", "resolution=16", "render.samples=16", "field.grid.levels=4", "field.grid.log2_table=12",
         "field.grid.max_res=64", "train.val_every=2", "train.ckpt_every=2", "train.val_views=2", "train.variance_every=0",
         "mesh.enabled=false", "mesh.grid_resolution=32", "export.texture_size=32", "export.turntable=false"]
-BUILTIN = Path(batch.__file__).parent / "builtin" / "diffusion" / "model_index.json"
+BUILTIN = Path(steindreamer.__file__).parent / "builtin" / "diffusion" / "model_index.json"
 
 
 def run_batch(*argv) -> int:

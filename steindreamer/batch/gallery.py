@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from .fsio import atomic_write
+from ..fsio import atomic_write
 
 PICTURES = ("turntable.mp4", "turntable.gif")
 MODELS = ("model.glb", "mesh.obj")

@@ -54,3 +54,21 @@ def test_hash_collision_shares_features_only_in_hashed_levels():
     fa, fb = grid(a[None])[0], grid(b[None])[0]
     assert torch.allclose(fa[2:], fb[2:], atol=1e-6)  # hashed level: same entry, same feature
     assert not torch.allclose(fa[:2], fb[:2], atol=1e-4)  # dense level: different vertices differ
+
+
+def test_hash_matches_instant_ngp_uint32_hash_at_large_coordinates():
+    """The int32 arithmetic (half the index memory of int64) must give Instant-NGP's uint32 hash,
+    also where the products overflow 32 bits."""
+    cfg = HashGridConfig(levels=1, features=1, log2_table=12, base_res=2048, max_res=2048)
+    grid = HashGridEncoding(cfg, bound=1.0)
+    assert grid.hashed.tolist() == [True]
+    with torch.no_grad():
+        grid.table.copy_(torch.randn_like(grid.table))
+    g = torch.Generator().manual_seed(0)
+    vertices = torch.randint(1, 2047, (64, 3), generator=g)
+    points = vertices.double() / 2048 * 2 - 1
+    with torch.no_grad():
+        features = grid(points.float())[:, 0]
+    for v, f in zip(vertices.tolist(), features):
+        row = ((v[0] * 1) ^ (v[1] * 2654435761) ^ (v[2] * 805459861)) % 2**32 % 2**12
+        assert abs(float(f) - float(grid.table.detach()[row, 0])) < 1e-3, (v, row)

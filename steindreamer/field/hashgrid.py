@@ -12,6 +12,7 @@ from ..backends import hashgrid_backend
 
 # Instant-NGP's spatial-hash primes (the first is 1 so the x coordinate stays coherent in memory).
 _PRIMES = (1, 2654435761, 805459861)
+_PRIMES32 = tuple(p - 2**32 if p >= 2**31 else p for p in _PRIMES)  # the same bits as int32
 
 
 @dataclass
@@ -70,7 +71,9 @@ class HashGridEncoding(nn.Module):
         u = self.normalize(x.reshape(-1, 3))  # [N, 3] in [0, 1]
         res = self.res.view(1, -1)
         pos = u[:, None, :] * res[..., None].to(u.dtype)  # [N, L, 3]
-        base = pos.floor().long().clamp(max=res[..., None] - 1)
+        # int32 indices: half the memory of int64. Products wrap modulo 2^32 exactly like Instant-NGP's
+        # uint32 hash (the primes are stored as their int32 bit patterns), and the table sizes are powers of 2.
+        base = pos.floor().to(torch.int32).clamp(max=res[..., None].to(torch.int32) - 1)
         frac = pos - base.to(pos.dtype)
         # Per axis, the two grid coordinates (base, base + 1) and their linear weights [N, L, 3, 2];
         # the 8 corners are their outer combination, which is cheaper than expanding corners first.
@@ -78,11 +81,12 @@ class HashGridEncoding(nn.Module):
         wts = torch.stack([1 - frac, frac], -1)
         cx, cy, cz = coord.unbind(2)
         hashed = self.hashed.view(1, -1, 1, 1, 1)
-        res1 = (res + 1).view(1, -1, 1, 1, 1)
+        res1 = (res + 1).view(1, -1, 1, 1, 1).to(torch.int32)
+        # Dense levels have (res + 1)^3 <= table size < 2^31 rows, so their index never wraps.
         dense = cx[..., :, None, None] + cy[..., None, :, None] * res1 + cz[..., None, None, :] * res1 * res1
-        # int64 products keep the low 32 bits of Instant-NGP's uint32 hash; the table size is a power of 2.
-        h = (cx * _PRIMES[0])[..., :, None, None] ^ (cy * _PRIMES[1])[..., None, :, None] ^ (cz * _PRIMES[2])[..., None, None, :]
-        rows = torch.where(hashed, h, dense) % self.sizes.view(1, -1, 1, 1, 1) + self.offsets.view(1, -1, 1, 1, 1)
+        h = (cx * _PRIMES32[0])[..., :, None, None] ^ (cy * _PRIMES32[1])[..., None, :, None] ^ (cz * _PRIMES32[2])[..., None, None, :]
+        # Hashed levels are 2^log2_table rows (the low bits of the hash); a dense index is already in range.
+        rows = torch.where(hashed, h & (2**self.cfg.log2_table - 1), dense) + self.offsets.view(1, -1, 1, 1, 1).to(torch.int32)
         wx, wy, wz = wts.unbind(2)
         w = wx[..., :, None, None] * wy[..., None, :, None] * wz[..., None, None, :]  # [N, L, 2, 2, 2]
         feats = nn.functional.embedding(rows.reshape(rows.shape[0], -1), self.table)  # [N, L*8, F]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from steindreamer.fsio import atomic_torch_save
 from steindreamer.toy import model as M
 from steindreamer.toy.vocab import build_tokenizer
 from steindreamer.toy.world import HELD_OUT, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions
@@ -46,12 +47,6 @@ def log(work: Path, msg: str) -> None:
     print(line, flush=True)
     with open(work / "train_log.txt", "a") as f:
         f.write(line + "\n")
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------- data
@@ -76,7 +71,7 @@ def make_pool(work: Path, n: int, seed: int, device: str = "cpu") -> dict:
         captions += view_captions(pairs, cams)
     pool = {"rgb": torch.cat(rgb), "disparity": torch.cat(disp), "mask": torch.cat(mask),
             "pair": torch.cat(pair_idx), "caption": captions}
-    save_atomic(pool, path)
+    atomic_torch_save(path, pool)
     log(work, f"rendered a pool of {n} views in {time.time() - t0:.0f} s")
     return pool
 
@@ -116,7 +111,14 @@ def train_unet(args, work: Path, pool: dict) -> None:
     tokenize = lambda texts: tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,  # noqa: E731
                                  return_tensors="pt").input_ids.to(dev)
     ids_full, ids_bare, ids_empty = tokenize(captions), tokenize([c.split(",")[0] for c in captions]), tokenize([""])
-    t_start, last_ck = time.time() - elapsed, time.time()
+    t_start, last_ck, saved_step = time.time() - elapsed, time.time(), step
+
+    def save() -> int:
+        atomic_torch_save(ck, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                               "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": step,
+                               "elapsed": time.time() - t_start, "rng": torch.get_rng_state()})
+        return step
+
     while step < args.unet_steps:
         elapsed = time.time() - t_start
         # Progress is by steps, or by wall-clock when --max-minutes would cut the run short, so the
@@ -157,16 +159,11 @@ def train_unet(args, work: Path, pool: dict) -> None:
                       f"{(time.time() - t_start) / 60:.1f} min")
         final = step >= args.unet_steps
         if final or time.time() - last_ck > 60 * args.ckpt_minutes:
-            save_atomic({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                         "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": step,
-                         "elapsed": time.time() - t_start, "rng": torch.get_rng_state()}, ck)
-            last_ck = time.time()
+            saved_step, last_ck = save(), time.time()
         if step % args.sample_every == 0 or final:
             sample_grid(ema_unet, ema_te, tok, work / f"samples_{step:05d}.png")
-    if not ck.exists() or torch.load(ck, map_location="cpu")["step"] != step:  # stopped by --max-minutes
-        save_atomic({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
-                     "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": step,
-                     "elapsed": time.time() - t_start, "rng": torch.get_rng_state()}, ck)
+    if saved_step != step:  # stopped by --max-minutes between checkpoints
+        save()
     log(work, f"unet: done, {step} steps, {(time.time() - t_start) / 60:.1f} min")
 
 
@@ -242,7 +239,7 @@ def train_depth(args, work: Path, pool: dict) -> None:
             log(work, f"depth step {step} loss {loss.item():.4f} pred object/background "
                       f"{pred[fg > 0].mean().item():.3f}/{pred[fg == 0].mean().item():.3f} {(time.time() - t0) / 60:.1f} min")
         if step == args.depth_steps or time.time() - last > 60 * args.ckpt_minutes:
-            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
+            atomic_torch_save(ck, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step})
             last = time.time()
     model.head.head[5] = final_relu
     log(work, f"depth: done, {step} steps, {(time.time() - t0) / 60:.1f} min this run")

@@ -6,6 +6,7 @@ viser already depends on, so no driver needs installing."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import shutil
@@ -125,10 +126,8 @@ class Browser:
     def close(self) -> None:
         ws = getattr(self, "_ws", None)
         if ws is not None:
-            try:
+            with contextlib.suppress(Exception):  # the browser may already be gone
                 ws.close()
-            except Exception:  # noqa: BLE001 - the browser may already be gone
-                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -36,7 +36,7 @@ def _viser_pose(position, look_at=(0.0, 0.0, 0.0), up=(0.0, 1.0, 0.0)) -> np.nda
 
     class _Conn:
         def queue_message(self, message):
-            pass
+            """No browser: the handle's messages go nowhere."""
 
     class _Client:
         _websock_connection = _Conn()

@@ -82,7 +82,7 @@ class LocalExecutor:
         return jobs
 
     def close(self) -> None:
-        pass
+        """Nothing to release (child processes are reaped as they end); RayExecutor's shuts Ray down."""
 
 
 class RayExecutor:

@@ -35,8 +35,8 @@ class OccupancyGrid(nn.Module):
         super().__init__()
         self.cfg, self.bound = cfg, bound
         r = cfg.resolution
+        self.register_buffer("density", torch.zeros(r, r, r))
         # Until the first update every cell counts as occupied (nothing is skipped).
-        self.register_buffer("density", torch.full((r, r, r), float("inf")))
         self.register_buffer("mask", torch.ones(r, r, r, dtype=torch.bool))
 
     @property
@@ -51,8 +51,7 @@ class OccupancyGrid(nn.Module):
         jitter = (torch.rand(r, r, r, 3, generator=generator) - 0.5).to(dev) * self.cell
         pts = (cell_centres(r, self.bound, dev) + jitter).reshape(-1, 3)
         sigma = torch.cat([density_fn(pts[i:i + chunk]).float().reshape(-1) for i in range(0, pts.shape[0], chunk)])
-        old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
-        self.density.copy_(torch.maximum(old * self.cfg.decay, sigma.view(r, r, r)))
+        self.density.copy_(torch.maximum(self.density * self.cfg.decay, sigma.view(r, r, r)))
         self.mask.copy_(occupied_cells(self.density, self.cell, self.cfg.threshold))
         return float(self.mask.float().mean())
 

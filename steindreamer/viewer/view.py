@@ -115,8 +115,8 @@ def cmd_view(args) -> int:
                 image = render_frame(field, background, viser_to_cameras(wxyz, position, fov, angle), cfg.render, *size)
                 srv.send_frame(client, image)
                 state.drawn = key
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C is how `view` is meant to end
+        return 0
     finally:
         srv.stop()
     return 0

@@ -207,6 +207,7 @@ def validate(cfg: Config) -> None:
     _check(r.samples >= 2, "render.samples", ">= 2")
     _check(r.chunk >= 1, "render.chunk", ">= 1")
     _check(r.backend in ("auto", "torch", "nerfacc"), "render.backend", "one of auto, torch, nerfacc")
+    _check(r.normals in ("surface", "samples"), "render.normals", "one of surface, samples")
     _check(g.engine in ENGINES, "guidance.engine", f"one of {', '.join(ENGINES)}")
     _check(0.0 <= g.t_min < g.t_max <= 1.0, "guidance.t_min/t_max", "0 <= t_min < t_max <= 1")
     _check(g.anneal_step < 0 or g.t_min < g.anneal_t_max <= 1.0, "guidance.anneal_t_max", "in (t_min, 1]")

@@ -72,3 +72,21 @@ def test_hash_matches_instant_ngp_uint32_hash_at_large_coordinates():
     for v, f in zip(vertices.tolist(), features):
         row = ((v[0] * 1) ^ (v[1] * 2654435761) ^ (v[2] * 805459861)) % 2**32 % 2**12
         assert abs(float(f) - float(grid.table.detach()[row, 0])) < 1e-3, (v, row)
+
+
+def test_first_and_second_derivatives_match_finite_differences():
+    """Normals differentiate the encoding twice (grad wrt points, then wrt the table through it)."""
+    cfg = HashGridConfig(levels=3, features=2, log2_table=6, base_res=2, max_res=8)
+    grid = HashGridEncoding(cfg, bound=1.0).double()
+    assert grid.hashed.tolist() == [False, True, True]
+    with torch.no_grad():
+        grid.table.copy_(torch.randn_like(grid.table))
+    g = torch.Generator().manual_seed(0)
+    points = (torch.rand(6, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
+    table = grid.table.detach().clone().requires_grad_(True)
+
+    def encode(p, t):
+        return torch.func.functional_call(grid, {"table": t}, (p,))
+
+    assert torch.autograd.gradcheck(encode, (points, table))
+    assert torch.autograd.gradgradcheck(encode, (points, table))

@@ -70,3 +70,44 @@ def test_normals_of_blob_point_outwards():
     # The camera is on +Z: the blob's visible normals at the image centre point back to it.
     assert torch.all(centre[:, 2] > 0.8)
     assert torch.allclose(out["normal"].norm(dim=-1)[out["opacity"][..., 0] > 0.5], torch.tensor(1.0), atol=1e-4)
+
+
+class SoftSphere(torch.nn.Module):
+    """Smooth density 200 * sigmoid((r - |x|) / 0.01): a nearly opaque sphere with an analytic normal x / |x|; green albedo."""
+
+    def __init__(self, radius: float = 0.5):
+        super().__init__()
+        self.radius, self.cfg = radius, type("C", (), {"bound": 1.0})()
+
+    def forward(self, x):
+        sigma = 200.0 * torch.sigmoid((self.radius - x.norm(dim=-1)) / 0.01)
+        return sigma, torch.tensor([0.2, 0.8, 0.3]).expand(*x.shape[:-1], 3)
+
+
+def test_surface_and_sample_normals_match_the_analytic_sphere_and_shade_alike():
+    field = SoftSphere()
+    cams = make_cameras([20.0], [30.0], [2.0], [40.0])
+    light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.9, 0.4]]), dim=-1)
+    bg = Background(BackgroundConfig(kind="white"))
+    outs = {}
+    for mode in ("surface", "samples"):
+        cfg = RenderConfig(resolution=16, samples=256, normals=mode)
+        with torch.no_grad():  # normals still come from autograd (density_normals enables it)
+            outs[mode] = {s: render_views(field, bg, cams, cfg, shading=s, light_dir=light, perturb=False, ambient=0.3)
+                          for s in ("lambertian", "textureless")}
+    origins, dirs = cams.rays(16, 16)
+    for mode, out in outs.items():
+        o = out["lambertian"]
+        solid = o["opacity"][..., 0] > 0.99
+        assert int(solid.sum()) > 30
+        hit_point = origins + dirs * o["depth"]  # the sphere's surface along each ray
+        expected = torch.nn.functional.normalize(hit_point, dim=-1)
+        cos = (o["normal"] * expected).sum(-1)[solid]
+        assert float(cos.min()) > 0.995, mode
+        # Lambertian: albedo * (ambient + (1 - ambient) max(0, n.l)) with the analytic normal.
+        lum = 0.3 + 0.7 * (expected * light[:, None, None, :]).sum(-1, keepdim=True).clamp(min=0)
+        assert torch.allclose(o["rgb"][solid], (torch.tensor([0.2, 0.8, 0.3]) * lum)[solid], atol=0.02), mode
+        assert torch.allclose(out["textureless"]["rgb"][solid], lum.expand(-1, -1, -1, 3)[solid], atol=0.02), mode
+    # Where the two differ at all is the silhouette's partly transparent rays.
+    diff = (outs["surface"]["lambertian"]["rgb"] - outs["samples"]["lambertian"]["rgb"]).abs()
+    assert float(diff.mean()) < 0.01

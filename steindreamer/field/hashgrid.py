@@ -51,8 +51,6 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("offsets", torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0), persistent=False)
         self.register_buffer("hashed", torch.tensor([(r + 1) ** 3 > table for r in self.resolutions]), persistent=False)
         self.table = nn.Parameter(torch.empty(sum(sizes), cfg.features).uniform_(-1e-4, 1e-4))
-        corners = torch.tensor([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)], dtype=torch.long)
-        self.register_buffer("corners", corners, persistent=False)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return ((x / self.bound) * 0.5 + 0.5).clamp(0.0, 1.0)
@@ -68,30 +66,34 @@ class HashGridEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
-        u = self.normalize(x.reshape(-1, 3))  # [N, 3] in [0, 1]
-        res = self.res.view(1, -1)
-        pos = u[:, None, :] * res[..., None].to(u.dtype)  # [N, L, 3]
+        # Sample-last layout ([axis or corner, level, N]): every broadcast below runs over outer
+        # dimensions with N contiguous inside, which PyTorch's CPU kernels vectorise; with N first
+        # and 2-wide inner dimensions the same ops ran ~50x slower (measured).
+        u = self.normalize(x.reshape(-1, 3)).t()  # [3, N] in [0, 1]
+        levels, n = len(self.resolutions), u.shape[1]
+        res = self.res.view(-1, 1)
+        pos = u[:, None, :] * res.to(u.dtype)  # [3, L, N]
         # int32 indices: half the memory of int64. Products wrap modulo 2^32 exactly like Instant-NGP's
         # uint32 hash (the primes are stored as their int32 bit patterns), and the table sizes are powers of 2.
-        base = pos.floor().to(torch.int32).clamp(max=res[..., None].to(torch.int32) - 1)
+        base = pos.floor().to(torch.int32).clamp(max=(res - 1).to(torch.int32))
         frac = pos - base.to(pos.dtype)
-        # Per axis, the two grid coordinates (base, base + 1) and their linear weights [N, L, 3, 2];
-        # the 8 corners are their outer combination, which is cheaper than expanding corners first.
-        coord = torch.stack([base, base + 1], -1)
-        wts = torch.stack([1 - frac, frac], -1)
-        cx, cy, cz = coord.unbind(2)
-        hashed = self.hashed.view(1, -1, 1, 1, 1)
-        res1 = (res + 1).view(1, -1, 1, 1, 1).to(torch.int32)
+        # Per axis, the two grid coordinates (base, base + 1) and their linear weights [2, L, N];
+        # the 8 corners [2, 2, 2, L, N] are their outer combination.
+        cx, cy, cz = (torch.stack([b, b + 1]) for b in base.unbind(0))
+        wx, wy, wz = (torch.stack([1 - f, f]) for f in frac.unbind(0))
+        res1 = (res + 1).to(torch.int32)
         # Dense levels have (res + 1)^3 <= table size < 2^31 rows, so their index never wraps.
-        dense = cx[..., :, None, None] + cy[..., None, :, None] * res1 + cz[..., None, None, :] * res1 * res1
-        h = (cx * _PRIMES32[0])[..., :, None, None] ^ (cy * _PRIMES32[1])[..., None, :, None] ^ (cz * _PRIMES32[2])[..., None, None, :]
+        dense = cx[:, None, None] + (cy * res1)[None, :, None] + (cz * res1 * res1)[None, None, :]
+        h = (cx * _PRIMES32[0])[:, None, None] ^ (cy * _PRIMES32[1])[None, :, None] ^ (cz * _PRIMES32[2])[None, None, :]
         # Hashed levels are 2^log2_table rows (the low bits of the hash); a dense index is already in range.
-        rows = torch.where(hashed, h & (2**self.cfg.log2_table - 1), dense) + self.offsets.view(1, -1, 1, 1, 1).to(torch.int32)
-        wx, wy, wz = wts.unbind(2)
-        w = wx[..., :, None, None] * wy[..., None, :, None] * wz[..., None, None, :]  # [N, L, 2, 2, 2]
-        feats = nn.functional.embedding(rows.reshape(rows.shape[0], -1), self.table)  # [N, L*8, F]
-        out = (w.reshape(w.shape[0], -1, 1) * feats).reshape(w.shape[0], w.shape[1], 8, -1).sum(2)  # [N, L, F]
-        return out.reshape(*shape, self.out_dim)
+        rows = torch.where(self.hashed.view(-1, 1), h & (2**self.cfg.log2_table - 1), dense) + self.offsets.view(-1, 1).to(torch.int32)
+        w = wx[:, None, None] * wy[None, :, None] * wz[None, None, :]  # [2, 2, 2, L, N]
+        flat = rows.reshape(-1)
+        # One 1-D gather per feature: its backward is a 1-D index_add (~30x faster on CPU than the
+        # row-wise scatter behind embedding/index_select on 2-D rows), and it stays twice
+        # differentiable for normals from the density gradient.
+        feats = [(w * self.table[:, f].index_select(0, flat).view_as(w)).sum((0, 1, 2)) for f in range(self.cfg.features)]
+        return torch.stack(feats, -1).transpose(0, 1).reshape(*shape, self.out_dim)  # [N, L, F] -> [..., L * F]
 
 
 class TcnnHashGridEncoding(nn.Module):

@@ -22,6 +22,11 @@ class RenderConfig:
     samples: int = 64  # stratified samples per ray
     chunk: int = 8192  # rays per chunk when rendering without gradients
     backend: str = "auto"  # auto | torch | nerfacc
+    # Where normals (shading, normal maps) come from: "samples" = grad(sigma) at every sample,
+    # accumulated along the ray (DreamFusion); "surface" = grad(sigma) once per ray at its expected
+    # surface point, shaded there (deferred shading). The double backward then runs on one point per
+    # ray instead of every sample: a shaded step costs about what an unshaded one does.
+    normals: str = "surface"
 
 
 def ray_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,19 +118,40 @@ def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading
     t0, t1 = stratified_samples(near, far, cfg.samples, generator, perturb)
     t_mid = 0.5 * (t0 + t1)
     points = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]  # [R, S, 3]
-    sigma, albedo, normals = evaluate_field(field, points, need_normals or shading != "albedo")
+    want_normals = need_normals or shading != "albedo"
+    per_sample = want_normals and cfg.normals == "samples"
+    sigma, albedo, normals = evaluate_field(field, points, per_sample)
     weights = render_weights(sigma, t0, t1, backend)
-    color = shade(albedo, normals, light_dir[:, None, :].expand_as(points) if light_dir is not None else None, shading, ambient)
     opacity = accumulate(weights)
-    rgb = accumulate(weights, color) + (1.0 - opacity) * background_rgb
     depth_sum = accumulate(weights, t_mid[..., None])
     hit = opacity > 1e-4
     depth = torch.where(hit, depth_sum / opacity.clamp(min=1e-4), torch.zeros_like(depth_sum))
     disparity = torch.where(hit & (depth > 1e-6), 1.0 / depth.clamp(min=1e-6), torch.zeros_like(depth))
-    out = {"rgb": rgb, "opacity": opacity, "depth": depth, "disparity": disparity, "weights": weights}
-    if normals is not None:
+    out = {"opacity": opacity, "depth": depth, "disparity": disparity, "weights": weights}
+    if per_sample:
+        color = shade(albedo, normals, light_dir[:, None, :].expand_as(points) if light_dir is not None else None, shading, ambient)
+        rgb = accumulate(weights, color)
         out["normal"] = torch.nn.functional.normalize(accumulate(weights, normals), dim=-1, eps=1e-8)
+    elif want_normals:
+        out["normal"] = surface_normals(field, origins, dirs, depth, hit[:, 0])
+        # shade() is linear in albedo, so shading the accumulated albedo at the surface equals shading
+        # each sample with the surface's normal; textureless shades white albedo (the opacity).
+        base = accumulate(weights, albedo) if shading != "textureless" else opacity.expand(-1, 3)
+        rgb = shade(base, out["normal"], light_dir, "lambertian", ambient) if shading != "albedo" else base
+    else:
+        rgb = accumulate(weights, albedo)
+    out["rgb"] = rgb + (1.0 - opacity) * background_rgb
     return out
+
+
+def surface_normals(field, origins: torch.Tensor, dirs: torch.Tensor, depth: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """Unit normals [R, 3] at each hit ray's expected surface point o + depth d (0 where missed).
+    The point is held fixed (as sample positions are): gradients reach the field through grad(sigma)."""
+    normals = origins.new_zeros(origins.shape)
+    if bool(hit.any()):
+        points = (origins[hit] + dirs[hit] * depth[hit]).detach()
+        normals = normals.index_put((hit.nonzero()[:, 0],), density_normals(field, points, create_graph=torch.is_grad_enabled())[2])
+    return normals
 
 
 def render_views(field, background, cameras: Cameras, cfg: RenderConfig, height: int | None = None, *,

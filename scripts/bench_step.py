@@ -93,6 +93,12 @@ def bench_engine(engine: str, args, device) -> dict:
     if args.model == "sd-shaped" and engine == "ssd" and not args.no_depth:
         cfg.guidance.depth_model = args.depth_model
     stage = NeRFStage(args.prompt, cfg, guidance)
+    # Time steps past the albedo-only warm-up, so shaded steps (normals) come in the training mix, and
+    # with the occupancy grid in the state a run has there (refreshed every update_every steps).
+    stage.step_index = cfg.shading.albedo_steps
+    if stage.field.occupancy is not None:
+        stage.field.occupancy.update(stage.field.density, stage.generator)
+    modes = []
     clock = Clock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -100,6 +106,7 @@ def bench_engine(engine: str, args, device) -> dict:
         with clock("step"):
             with clock("render"):
                 out, cams = stage.render_train()
+            modes.append("normal" in out)
             with clock("encode"):
                 x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
             cond = stage.text_for(cams)
@@ -126,9 +133,15 @@ def bench_engine(engine: str, args, device) -> dict:
             with clock("lora_step"):
                 stage.distiller.lora.train_step(x.detach(), cond, cams.flat_pose().to(device, guidance.dtype), guidance.scheduler, stage.generator)
     med = clock.medians(args.warmup)
+    shaded = modes[args.warmup:]  # whether each timed step rendered normals (a shaded step)
+    by_mode = {}
+    for name, flag in (("shaded", True), ("albedo", False)):
+        times = [t for t, m in zip(clock.times["step"][args.warmup:], shaded) if m == flag]
+        if times:
+            by_mode[name] = {"steps": len(times), "step_seconds": statistics.median(times)}
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
-            "breakdown": {k: v for k, v in med.items() if k != "step"}, "peak_memory_mib": peak,
+            "breakdown": {k: v for k, v in med.items() if k != "step"}, "by_shading": by_mode, "peak_memory_mib": peak,
             "render": f"{cfg.render.resolution}x{cfg.render.resolution}x{cfg.render.samples} samples", "model_resolution": guidance.image_size}
 
 
@@ -136,8 +149,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin", help="builtin, sd-shaped, or a diffusers folder")
     parser.add_argument("--engines", default="sds,ssd,vsd")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=512, help="render size for sd-shaped")
     parser.add_argument("--depth-model", default="builtin", help="depth model for sd-shaped SSD (a folder; builtin by default)")
     parser.add_argument("--no-depth", action="store_true", help="SSD with the constant baseline (no depth network)")

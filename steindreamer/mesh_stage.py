@@ -59,7 +59,7 @@ class MeshStage:
         m, t = self.cfg.mesh, self.cfg.train
         groups = [{"params": [self.mesh.offsets], "lr": m.lr_offsets, "name": "offsets"}]
         groups += self.texture.field.param_groups(t.lr_grid * m.lr_scale, t.lr_mlp * m.lr_scale)
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=True)
         self.step_index = 0
 
     def step(self) -> dict:

@@ -102,7 +102,8 @@ class NeRFStage:
         bg_params = list(self.background.parameters())
         if bg_params:
             groups.append({"params": bg_params, "lr": t.lr_mlp, "name": "background"})
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15)
+        # fused: one kernel for all parameters (a quarter of the foreach step on CPU, measured).
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=True)
         self.step_index = 0
         self.distiller = Distiller(cfg.guidance, guidance)
         self.uncond = guidance.text_embeddings([""])

@@ -210,8 +210,11 @@ def _open(url: str) -> Browser:
 
 def _serve(target: Path, tmp_path: Path):
     """`steindreamer view TARGET` in a subprocess; returns (process, url) once it listens."""
+    # Default SIGINT in the child: a test run started in the background by a non-interactive shell
+    # ignores SIGINT, the child would inherit that and never see the Ctrl-C that _stop sends.
     proc = subprocess.Popen([sys.executable, "-m", "steindreamer", "view", str(target), "--port", "0", "--max-seconds", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

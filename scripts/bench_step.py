@@ -9,6 +9,8 @@ weights (no download): 64x64 latents from a 512x512 render. For each engine the 
 median step time, the median UNet CFG forward (the floor a step cannot go under), their ratio and a
 breakdown: render forward, encode (VAE), the whole guidance call, its parts measured alone (UNet
 CFG, decode + depth forward/backward for SSD, LoRA step for VSD), 3D backward and optimizer step.
+Per engine the top-level numbers are the NeRF stage's; `mesh_stage` holds the same for the mesh
+stage (surface extracted from the NeRF, rasterised at mesh.resolution), unless --stages nerf.
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from steindreamer.cameras import sample_cameras  # noqa: E402
 from steindreamer.config import load_config  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
 from steindreamer.guidance.engines import injected_loss  # noqa: E402
+from steindreamer.mesh_stage import MeshStage  # noqa: E402
+from steindreamer.render.shading import sample_light, sample_mode  # noqa: E402
 from steindreamer.train import NeRFStage  # noqa: E402
 
 
@@ -140,15 +145,61 @@ def bench_engine(engine: str, args, device) -> dict:
         if times:
             by_mode[name] = {"steps": len(times), "step_seconds": statistics.median(times)}
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
-            "breakdown": {k: v for k, v in med.items() if k != "step"}, "by_shading": by_mode, "peak_memory_mib": peak,
-            "render": f"{cfg.render.resolution}x{cfg.render.resolution}x{cfg.render.samples} samples", "model_resolution": guidance.image_size}
+    result = {"stage": "nerf", "step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
+              "breakdown": {k: v for k, v in med.items() if k != "step"}, "by_shading": by_mode, "peak_memory_mib": peak,
+              "render": f"{cfg.render.resolution}x{cfg.render.resolution}x{cfg.render.samples} samples", "model_resolution": guidance.image_size}
+    if "mesh" in args.stages.split(","):
+        result["mesh_stage"] = bench_mesh(stage, args, device)
+    return result
+
+
+def bench_mesh(nerf: NeRFStage, args, device) -> dict:
+    """The mesh stage's step, timed in the same parts as MeshStage.step (from the NeRF as it is)."""
+    stage = MeshStage(nerf)
+    cfg, guidance, m, gen = nerf.cfg, nerf.guidance, nerf.cfg.mesh, nerf.generator
+    clock = Clock(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.warmup + args.steps):
+        with clock("step"):
+            with clock("render"):
+                cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen).to(device)
+                mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + stage.step_index, gen)
+                light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
+                _, dirs = cams.rays(m.resolution, m.resolution)
+                with torch.no_grad():
+                    background = nerf.background(dirs)
+                out = stage.mesh.render(cams, m.resolution, m.resolution, background=background, light_direction=light, ambient=cfg.shading.ambient)
+            with clock("encode"):
+                x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
+            cond = nerf.text_for(cams)
+            t = guidance.sample_t(x.shape[0], cfg.guidance.t_min, min(m.t_max, cfg.guidance.t_max), gen)
+            noise = torch.randn(x.shape, generator=gen).to(x.device, torch.float32)
+            with clock("guidance"):
+                grad, _ = stage.distiller.gradient(x, out, cams, cond, nerf.uncond, t, noise, generator=gen)
+            with clock("backward"):
+                reg = m.lambda_laplacian * stage.mesh.laplacian_loss() + m.lambda_normal * stage.mesh.normal_consistency_loss()
+                (injected_loss(x.float(), grad) + reg).backward()
+            with clock("optimizer"):
+                stage.optimizer.step()
+                stage.optimizer.zero_grad(set_to_none=True)
+                stage.step_index += 1
+        with torch.no_grad():
+            x_t = guidance.add_noise(x.detach().float(), noise, t)
+            with clock("unet_cfg"):
+                guidance.predict_eps_cfg(x_t, t, cond, nerf.uncond, cfg.guidance.guidance_scale)
+    med = clock.medians(args.warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"stage": "mesh", "step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
+            "breakdown": {k: v for k, v in med.items() if k != "step"}, "peak_memory_mib": peak, "faces": int(stage.mesh.faces.shape[0]),
+            "render": f"{m.resolution}x{m.resolution} raster"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin", help="builtin, sd-shaped, or a diffusers folder")
     parser.add_argument("--engines", default="sds,ssd,vsd")
+    parser.add_argument("--stages", default="nerf,mesh", help="nerf, or nerf,mesh (the mesh stage starts from the NeRF stage's field)")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=512, help="render size for sd-shaped")

@@ -55,4 +55,7 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
         assert e["step_seconds"] > e["unet_cfg_seconds"] > 0
         assert e["step_over_unet"] == pytest.approx(e["step_seconds"] / e["unet_cfg_seconds"])
         assert {"render", "backward", "unet_cfg"} <= set(e["breakdown"])
+        mesh = e["mesh_stage"]  # the mesh stage, from the NeRF stage's field
+        assert mesh["stage"] == "mesh" and mesh["faces"] > 0
+        assert mesh["step_seconds"] > mesh["unet_cfg_seconds"] > 0 and {"render", "backward", "unet_cfg"} <= set(mesh["breakdown"])
     assert res["step_time_ratio_ssd_sds"] > 0

@@ -161,6 +161,8 @@ def transformers_depth_estimator(model, image_processor=None, size: int | tuple[
     The model is put in
     eval mode and frozen (requires_grad False): it is a fixed critic, gradients go only to x_t."""
     model.eval().requires_grad_(False)
+    # NHWC convolutions: the built-in DPT's forward + backward is ~15% faster on CPU (measured).
+    model.to(memory_format=torch.channels_last)
     mean, std = _processor_stats(model, image_processor)
     in_size = _input_size(model, size)
 

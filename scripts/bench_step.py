@@ -63,6 +63,25 @@ class Clock:
         return {k: statistics.median(v[skip:] or v) for k, v in self.times.items()}
 
 
+def fresh_clock(device) -> Clock:
+    """A Clock, with CUDA's peak-memory counter reset so `peak_mib` covers what follows."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return Clock(device)
+
+
+def peak_mib(device) -> float:
+    """Peak memory: CUDA's allocator peak, or on CPU the process's max resident set."""
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timings(clock: Clock, warmup: int) -> dict:
+    """Median step, median UNet CFG forward, their ratio and the other parts' medians."""
+    med = clock.medians(warmup)
+    return {"step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
+            "breakdown": {k: v for k, v in med.items() if k != "step"}}
+
+
 def sd_shaped_guidance(device, dtype):
     """Stable Diffusion 2.1-base shapes with random weights (configs only; nothing downloaded)."""
     import string
@@ -104,9 +123,7 @@ def bench_engine(engine: str, args, device) -> dict:
     if stage.field.occupancy is not None:
         stage.field.occupancy.update(stage.field.density, stage.generator)
     modes = []
-    clock = Clock(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
         with clock("step"):
             with clock("render"):
@@ -137,16 +154,13 @@ def bench_engine(engine: str, args, device) -> dict:
         if engine == "vsd":
             with clock("lora_step"):
                 stage.distiller.lora.train_step(x.detach(), cond, cams.flat_pose().to(device, guidance.dtype), guidance.scheduler, stage.generator)
-    med = clock.medians(args.warmup)
     shaded = modes[args.warmup:]  # whether each timed step rendered normals (a shaded step)
     by_mode = {}
     for name, flag in (("shaded", True), ("albedo", False)):
         times = [t for t, m in zip(clock.times["step"][args.warmup:], shaded) if m == flag]
         if times:
             by_mode[name] = {"steps": len(times), "step_seconds": statistics.median(times)}
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"stage": "nerf", "step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
-              "breakdown": {k: v for k, v in med.items() if k != "step"}, "by_shading": by_mode, "peak_memory_mib": peak,
+    result = {"stage": "nerf", **timings(clock, args.warmup), "by_shading": by_mode, "peak_memory_mib": peak_mib(device),
               "render": f"{cfg.render.resolution}x{cfg.render.resolution}x{cfg.render.samples} samples", "model_resolution": guidance.image_size}
     if "mesh" in args.stages.split(","):
         result["mesh_stage"] = bench_mesh(stage, args, device)
@@ -157,9 +171,7 @@ def bench_mesh(nerf: NeRFStage, args, device) -> dict:
     """The mesh stage's step, timed in the same parts as MeshStage.step (from the NeRF as it is)."""
     stage = MeshStage(nerf)
     cfg, guidance, m, gen = nerf.cfg, nerf.guidance, nerf.cfg.mesh, nerf.generator
-    clock = Clock(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
         with clock("step"):
             with clock("render"):
@@ -188,10 +200,7 @@ def bench_mesh(nerf: NeRFStage, args, device) -> dict:
             x_t = guidance.add_noise(x.detach().float(), noise, t)
             with clock("unet_cfg"):
                 guidance.predict_eps_cfg(x_t, t, cond, nerf.uncond, cfg.guidance.guidance_scale)
-    med = clock.medians(args.warmup)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"stage": "mesh", "step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
-            "breakdown": {k: v for k, v in med.items() if k != "step"}, "peak_memory_mib": peak, "faces": int(stage.mesh.faces.shape[0]),
+    return {"stage": "mesh", **timings(clock, args.warmup), "peak_memory_mib": peak_mib(device), "faces": int(stage.mesh.faces.shape[0]),
             "render": f"{m.resolution}x{m.resolution} raster"}
 
 

@@ -34,3 +34,6 @@ def test_short_keys_and_overrides():
     assert (cfg.guidance.model, cfg.guidance.depth_model, cfg.camera.fov) == ("/x", "/y", (30.0, 40.0))
     with pytest.raises(UserError, match="export.formats"):
         load_config(None, None, ["export.formats=[fbx]"])
+    with pytest.raises(UserError, match="render.normals"):
+        load_config(None, None, ["render.normals=vertex"])
+    assert load_config(None, None, ["render.normals=samples"]).render.normals == "samples"

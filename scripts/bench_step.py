@@ -27,12 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from steindreamer.cameras import sample_cameras  # noqa: E402
 from steindreamer.config import load_config  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
 from steindreamer.guidance.engines import injected_loss  # noqa: E402
 from steindreamer.mesh_stage import MeshStage  # noqa: E402
-from steindreamer.render.shading import sample_light, sample_mode  # noqa: E402
 from steindreamer.train import NeRFStage  # noqa: E402
 
 
@@ -170,28 +168,20 @@ def bench_engine(engine: str, args, device) -> dict:
 def bench_mesh(nerf: NeRFStage, args, device) -> dict:
     """The mesh stage's step, timed in the same parts as MeshStage.step (from the NeRF as it is)."""
     stage = MeshStage(nerf)
-    cfg, guidance, m, gen = nerf.cfg, nerf.guidance, nerf.cfg.mesh, nerf.generator
+    cfg, guidance, gen = nerf.cfg, nerf.guidance, nerf.generator
     clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
         with clock("step"):
             with clock("render"):
-                cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen).to(device)
-                mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + stage.step_index, gen)
-                light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
-                _, dirs = cams.rays(m.resolution, m.resolution)
-                with torch.no_grad():
-                    background = nerf.background(dirs)
-                out = stage.mesh.render(cams, m.resolution, m.resolution, background=background, light_direction=light, ambient=cfg.shading.ambient)
+                out, cams = stage.render_train()
             with clock("encode"):
                 x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
             cond = nerf.text_for(cams)
-            t = guidance.sample_t(x.shape[0], cfg.guidance.t_min, min(m.t_max, cfg.guidance.t_max), gen)
-            noise = torch.randn(x.shape, generator=gen).to(x.device, torch.float32)
+            t, noise = stage.draw_noise(x)
             with clock("guidance"):
                 grad, _ = stage.distiller.gradient(x, out, cams, cond, nerf.uncond, t, noise, generator=gen)
             with clock("backward"):
-                reg = m.lambda_laplacian * stage.mesh.laplacian_loss() + m.lambda_normal * stage.mesh.normal_consistency_loss()
-                (injected_loss(x.float(), grad) + reg).backward()
+                (injected_loss(x.float(), grad) + stage.regularizer()).backward()
             with clock("optimizer"):
                 stage.optimizer.step()
                 stage.optimizer.zero_grad(set_to_none=True)
@@ -201,7 +191,7 @@ def bench_mesh(nerf: NeRFStage, args, device) -> dict:
             with clock("unet_cfg"):
                 guidance.predict_eps_cfg(x_t, t, cond, nerf.uncond, cfg.guidance.guidance_scale)
     return {"stage": "mesh", **timings(clock, args.warmup), "peak_memory_mib": peak_mib(device), "faces": int(stage.mesh.faces.shape[0]),
-            "render": f"{m.resolution}x{m.resolution} raster"}
+            "render": f"{cfg.mesh.resolution}x{cfg.mesh.resolution} raster"}
 
 
 def main() -> int:

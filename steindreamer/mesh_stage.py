@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,9 +61,9 @@ class MeshStage:
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, fused=True)
         self.step_index = 0
 
-    def step(self) -> dict:
-        cfg, g, m, gen = self.cfg, self.cfg.guidance, self.cfg.mesh, self.generator
-        t0 = time.perf_counter()
+    def render_train(self) -> tuple[dict, object]:
+        """Random training views of the mesh (shading continues the NeRF stage's schedule)."""
+        cfg, m, gen = self.cfg, self.cfg.mesh, self.generator
         cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen).to(self.nerf.device)
         mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + self.step_index, gen)
         light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
@@ -72,13 +71,28 @@ class MeshStage:
         with torch.no_grad():
             background = self.nerf.background(dirs)
         out = self.mesh.render(cams, m.resolution, m.resolution, background=background, light_direction=light, ambient=cfg.shading.ambient)
+        return out, cams
+
+    def draw_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t from the low-noise end of the schedule (refinement) and the noise."""
+        g = self.cfg.guidance
+        t = self.guidance.sample_t(x.shape[0], g.t_min, min(self.cfg.mesh.t_max, g.t_max), self.generator)
+        return t, torch.randn(x.shape, generator=self.generator).to(x.device, torch.float32)
+
+    def regularizer(self) -> torch.Tensor:
+        m = self.cfg.mesh
+        return m.lambda_laplacian * self.mesh.laplacian_loss() + m.lambda_normal * self.mesh.normal_consistency_loss()
+
+    def step(self) -> dict:
+        gen = self.generator
+        t0 = time.perf_counter()
+        out, cams = self.render_train()
         x = self.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
         cond = self.nerf.text_for(cams)
-        t = self.guidance.sample_t(x.shape[0], g.t_min, min(m.t_max, g.t_max), gen)
-        noise = torch.randn(x.shape, generator=gen).to(x.device, torch.float32)
+        t, noise = self.draw_noise(x)
         grad, logs = self.distiller.gradient(x, out, cams, cond, self.nerf.uncond, t, noise, generator=gen)
         finite = logs.pop("finite")
-        reg = m.lambda_laplacian * self.mesh.laplacian_loss() + m.lambda_normal * self.mesh.normal_consistency_loss()
+        reg = self.regularizer()
         loss = injected_loss(x.float(), grad) + reg
         skipped = not (finite and torch.isfinite(loss))
         if not skipped:

@@ -2,6 +2,7 @@
 CUDA backend behind the same interface (picked in `steindreamer.backends`)."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,33 +51,30 @@ class HashGridEncoding(nn.Module):
         self.resolutions = level_resolutions(cfg)
         table = 2**cfg.log2_table
         sizes = [min(table, (r + 1) ** 3) for r in self.resolutions]
-        self.register_buffer("res", torch.tensor(self.resolutions, dtype=torch.long), persistent=False)
-        self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.long), persistent=False)
-        self.register_buffer("offsets", torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0), persistent=False)
-        self.register_buffer("hashed", torch.tensor([(r + 1) ** 3 > table for r in self.resolutions]), persistent=False)
-        # The same per-level constants as [L, 1] columns in the dtypes forward() computes in.
+        # Per-level constants as [L, 1] columns, in the dtypes encode() computes in.
         column = lambda values, dtype: torch.tensor(values, dtype=dtype).view(-1, 1)  # noqa: E731
         self.register_buffer("res_f", column(self.resolutions, torch.float32), persistent=False)
         self.register_buffer("res_max", column([r - 1 for r in self.resolutions], torch.int32), persistent=False)
         self.register_buffer("res1", column([r + 1 for r in self.resolutions], torch.int32), persistent=False)
-        self.register_buffer("offsets_i", self.offsets.to(torch.int32).view(-1, 1), persistent=False)
+        self.register_buffer("offsets", column([sum(sizes[:i]) for i in range(len(sizes))], torch.int32), persistent=False)
+        self.register_buffer("hashed", torch.tensor([(r + 1) ** 3 > table for r in self.resolutions]), persistent=False)
         self.table = nn.Parameter(torch.empty(sum(sizes), cfg.features).uniform_(-1e-4, 1e-4))
 
     def vertex_index(self, vertex: torch.Tensor) -> torch.Tensor:
-        """Table row (within its level, before the level offset) of integer grid vertices [N, L, K, 3]."""
-        view = lambda t: t.view(-1, 1)  # noqa: E731 - per-level values broadcast over [N, L, K]
-        res1 = view(self.res + 1)
+        """Table row (within its level, before the level offset) of integer grid vertices [N, L, K, 3],
+        in int64 arithmetic: a reference for encode()'s int32 indices."""
+        res1 = self.res1.long()  # [L, 1] broadcasts over [N, L, K]
         dense = vertex[..., 0] + vertex[..., 1] * res1 + vertex[..., 2] * res1 * res1
         # int64 products keep the low 32 bits of Instant-NGP's uint32 hash; the table size is a power of 2.
         h = (vertex[..., 0] * _PRIMES[0]) ^ (vertex[..., 1] * _PRIMES[1]) ^ (vertex[..., 2] * _PRIMES[2])
-        return torch.where(view(self.hashed), h, dense) % view(self.sizes)
+        return torch.where(self.hashed.view(-1, 1), h & (2**self.cfg.log2_table - 1), dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         # Compiled graphs are differentiable once; normals differentiate through the points twice.
         eager = not self.cfg.compile or (torch.is_grad_enabled() and x.requires_grad)
         fn = encode if eager else _compiled_encode()
-        out = fn(x.reshape(-1, 3), self.table, self.res_f, self.res_max, self.res1, self.offsets_i, self.hashed,
+        out = fn(x.reshape(-1, 3), self.table, self.res_f, self.res_max, self.res1, self.offsets, self.hashed,
                  self.bound, self.cfg.log2_table, self.cfg.features)
         return out.reshape(*shape, self.out_dim)
 
@@ -108,14 +106,10 @@ def encode(x, table, res_f, res_max, res1, offsets, hashed, bound: float, log2_t
     return torch.stack(feats, -1).transpose(0, 1).reshape(x.shape[0], -1)  # [N, L, F] -> [N, L * F]
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _compiled_encode():
     """`encode` under torch.compile, built once per process (dynamic shapes: N changes every step)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(encode, dynamic=True))
-    return _COMPILED[0]
+    return torch.compile(encode, dynamic=True)
 
 
 class _Gather(torch.autograd.Function):

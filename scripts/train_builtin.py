@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from steindreamer.fsio import atomic_torch_save
 from steindreamer.toy import model as M

@@ -121,8 +121,7 @@ def cmd_generate(args) -> int:
         if args.overrides:
             from omegaconf import OmegaConf
 
-            tmp = load_config(None, None, args.overrides)  # validates the overrides alone
-            del tmp
+            load_config(None, None, args.overrides)  # validates the overrides alone
             merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(_expand(args.overrides)))
             cfg = from_yaml_text(OmegaConf.to_yaml(merged))
     if args.no_mesh:

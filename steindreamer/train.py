@@ -134,7 +134,7 @@ class NeRFStage:
         return out, cams
 
     def step(self) -> dict:
-        g, t_cfg = self.cfg.guidance, self.cfg.train
+        t_cfg = self.cfg.train
         timings = {}
         t0 = time.perf_counter()
         out, cams = self.render_train()

@@ -39,7 +39,7 @@ def _override_text(value) -> str:
     return str(value)
 
 
-def _parse_jsonl_line(text: str, where: str) -> tuple[str, int | None, list[str]]:
+def _parse_jsonl_line(text: str, where: str) -> tuple[str, list[str]]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -62,9 +62,9 @@ def _parse_jsonl_line(text: str, where: str) -> tuple[str, int | None, list[str]
         item_overrides = list(raw)
     else:
         raise UserError(f"{where}: 'overrides' must be an object like {{\"steps\": 500}} or a list of \"key=value\" strings")
-    if seed is not None:
+    if seed is not None:  # the item's seed is an override like any other
         item_overrides.append(f"seed={seed}")
-    return prompt.strip(), seed, item_overrides
+    return prompt.strip(), item_overrides
 
 
 def read_prompts(path: Path, preset: str | None, config_file: str | None, overrides: list[str]) -> list[Item]:
@@ -97,9 +97,9 @@ def read_prompts(path: Path, preset: str | None, config_file: str | None, overri
     for n, line in lines:
         where = f"{path.name} line {n}"
         if jsonl:
-            prompt, seed, item_overrides = _parse_jsonl_line(line, where)
+            prompt, item_overrides = _parse_jsonl_line(line, where)
         else:
-            prompt, seed, item_overrides = line, None, []
+            prompt, item_overrides = line, []
         try:
             check_prompt(prompt, builtin=False)  # the built-in model's vocabulary is the child's to check
             cfg = load_config(preset, config_file, overrides + item_overrides) if item_overrides else base

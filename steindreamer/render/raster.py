@@ -179,7 +179,6 @@ def _rasterize_torch(clip_pos, faces, height, width, tile, max_fragments) -> Ras
 
 def _scan(clip, faces, height, width, tile, cap, zbuf) -> None:
     """Fills zbuf [B*H*W] with min over covering fragments of (depth bits << 32 | face index)."""
-    b = clip.shape[0]
     n_faces = faces.shape[0]
     device = clip.device
     tri = clip[:, faces]  # [B, F, 3, 4]

@@ -1,6 +1,7 @@
 """The one place that picks accelerated libraries. Every part has a pure-PyTorch path that runs on
 CPU and CUDA; tinycudann (hash grid), nerfacc (occupancy grid, packed volume rendering) and
-nvdiffrast (rasteriser) are optional CUDA backends, used only when importable and on CUDA.
+nvdiffrast (rasteriser) are optional CUDA backends, used only when importable and on CUDA. On CPU
+the hash grid has a fused C kernel (`field/hashgrid_cpu.py`), used where a C compiler builds it.
 
 `STEINDREAMER_BACKEND=torch` forces the pure-PyTorch path everywhere (parity tests, debugging).
 """
@@ -41,7 +42,18 @@ def _pick(device: torch.device | str, library: str, requested: str = "auto") -> 
 
 
 def hashgrid_backend(device, requested: str = "auto") -> str:
-    """'tcnn' or 'torch'."""
+    """'tcnn' (CUDA), 'cpu' (the fused C kernel, CPU) or 'torch'."""
+    device = torch.device(device)
+    if device.type == "cpu" and requested in ("auto", "cpu") and not _forced_torch():
+        from .field.hashgrid_cpu import library
+
+        if library() is not None:
+            return "cpu"
+        if requested == "cpu":
+            raise RuntimeError("backend 'cpu' requested but the hash grid's C kernel does not build here (no working C compiler)")
+        return "torch"
+    if requested == "cpu":
+        requested = "auto"  # a CPU kernel asked for on CUDA: the usual choice there
     return "tcnn" if _pick(device, "tinycudann", "tinycudann" if requested == "tcnn" else requested) == "tinycudann" else "torch"
 
 

@@ -37,3 +37,9 @@ def test_short_keys_and_overrides():
     with pytest.raises(UserError, match="render.normals"):
         load_config(None, None, ["render.normals=vertex"])
     assert load_config(None, None, ["render.normals=samples"]).render.normals == "samples"
+    assert load_config(None, None, ["render.normals=difference"]).render.normals == "difference"
+    with pytest.raises(UserError, match="render.normal_eps"):
+        load_config(None, None, ["render.normal_eps=0"])
+    assert load_config(None, None, ["field.grid.backend=cpu"]).field.grid.backend == "cpu"
+    with pytest.raises(UserError, match="field.occupancy.dilate"):
+        load_config(None, None, ["field.occupancy.dilate=-1"])

@@ -35,6 +35,18 @@ def test_grid_marks_exactly_the_cells_of_a_ball_up_to_one_cell_of_dilation():
     assert grid.query(pts).tolist() == [True, False, True]  # outside the grid: never skipped
 
 
+@pytest.mark.parametrize("dilate", [0, 1, 2])
+def test_dilation_grows_an_occupied_cell_into_a_cube_of_neighbours(dilate):
+    from steindreamer.render.occupancy import occupied_cells
+
+    density = torch.zeros(16, 16, 16)
+    density[5, 9, 7] = 100.0
+    mask = occupied_cells(density, cell=0.125, threshold=0.01, dilate=dilate)
+    side = 2 * dilate + 1
+    assert int(mask.sum()) == side**3
+    assert bool(mask[5 - dilate:6 + dilate, 9 - dilate:10 + dilate, 7 - dilate:8 + dilate].all())
+
+
 def test_moving_maximum_forgets_emptied_cells_slowly_and_threshold_follows_the_mean():
     grid = OccupancyGrid(OccupancyConfig(resolution=16, decay=0.5), bound=1.0)
     g = torch.Generator().manual_seed(0)

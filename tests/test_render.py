@@ -90,8 +90,8 @@ def test_surface_and_sample_normals_match_the_analytic_sphere_and_shade_alike():
     light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.9, 0.4]]), dim=-1)
     bg = Background(BackgroundConfig(kind="white"))
     outs = {}
-    for mode in ("surface", "samples"):
-        cfg = RenderConfig(resolution=16, samples=256, normals=mode)
+    for mode in ("surface", "samples", "difference"):
+        cfg = RenderConfig(resolution=16, samples=256, normals=mode, normal_eps=0.005)
         with torch.no_grad():  # normals still come from autograd (density_normals enables it)
             outs[mode] = {s: render_views(field, bg, cams, cfg, shading=s, light_dir=light, perturb=False, ambient=0.3)
                           for s in ("lambertian", "textureless")}
@@ -108,6 +108,7 @@ def test_surface_and_sample_normals_match_the_analytic_sphere_and_shade_alike():
         lum = 0.3 + 0.7 * (expected * light[:, None, None, :]).sum(-1, keepdim=True).clamp(min=0)
         assert torch.allclose(o["rgb"][solid], (torch.tensor([0.2, 0.8, 0.3]) * lum)[solid], atol=0.02), mode
         assert torch.allclose(out["textureless"]["rgb"][solid], lum.expand(-1, -1, -1, 3)[solid], atol=0.02), mode
-    # Where the two differ at all is the silhouette's partly transparent rays.
-    diff = (outs["surface"]["lambertian"]["rgb"] - outs["samples"]["lambertian"]["rgb"]).abs()
-    assert float(diff.mean()) < 0.01
+    # Where the modes differ at all is the silhouette's partly transparent rays.
+    for mode in ("samples", "difference"):
+        diff = (outs["surface"]["lambertian"]["rgb"] - outs[mode]["lambertian"]["rgb"]).abs()
+        assert float(diff.mean()) < 0.01, mode

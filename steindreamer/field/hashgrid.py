@@ -23,10 +23,10 @@ class HashGridConfig:
     log2_table: int = 19  # hash table size per level = 2^log2_table
     base_res: int = 16
     max_res: int = 2048
-    backend: str = "auto"  # auto | torch | tcnn
+    backend: str = "auto"  # auto | torch | tcnn (CUDA) | cpu (fused C kernel)
     # torch.compile the torch encoding (fused kernels) wherever points need no second derivative,
-    # i.e. everywhere but normals. Costs a one-off compile (~30 s on 2 CPU cores), so it pays on long
-    # runs, not on the toy preset's 600 steps.
+    # i.e. everywhere but normals, and the C kernel is not in use. Costs a one-off compile (~30 s on
+    # 2 CPU cores), so it pays on long runs, not on the toy preset's 600 steps.
     compile: bool = False
 
 
@@ -44,9 +44,10 @@ class HashGridEncoding(nn.Module):
     finer levels use the spatial hash, where distinct vertices may share an entry by design.
     """
 
-    def __init__(self, cfg: HashGridConfig, bound: float = 1.0):
+    def __init__(self, cfg: HashGridConfig, bound: float = 1.0, fused: bool = False):
         super().__init__()
         self.cfg, self.bound = cfg, bound
+        self.fused = fused  # the C kernel (hashgrid_cpu) for float32 CPU points that need no gradient
         self.out_dim = cfg.levels * cfg.features
         self.resolutions = level_resolutions(cfg)
         table = 2**cfg.log2_table
@@ -71,8 +72,14 @@ class HashGridEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
-        # Compiled graphs are differentiable once; normals differentiate through the points twice.
-        eager = not self.cfg.compile or (torch.is_grad_enabled() and x.requires_grad)
+        # The C kernel and compiled graphs differentiate once, and only for the table; normals
+        # differentiate through the points twice: they take the eager path.
+        point_grad = torch.is_grad_enabled() and x.requires_grad
+        if self.fused and not point_grad and x.device.type == "cpu" and x.dtype == self.table.dtype == torch.float32:
+            from .hashgrid_cpu import fused_encode
+
+            return fused_encode(x.reshape(-1, 3), self).reshape(*shape, self.out_dim)
+        eager = not self.cfg.compile or point_grad
         fn = encode if eager else _compiled_encode()
         out = fn(x.reshape(-1, 3), self.table, self.res_f, self.res_max, self.res1, self.offsets, self.hashed,
                  self.bound, self.cfg.log2_table, self.cfg.features)
@@ -177,6 +184,7 @@ class TcnnHashGridEncoding(nn.Module):
 
 
 def make_hashgrid(cfg: HashGridConfig, bound: float, device) -> nn.Module:
-    if hashgrid_backend(device, cfg.backend) == "tcnn":
+    backend = hashgrid_backend(device, cfg.backend)
+    if backend == "tcnn":
         return TcnnHashGridEncoding(cfg, bound)
-    return HashGridEncoding(cfg, bound)
+    return HashGridEncoding(cfg, bound, fused=backend == "cpu")

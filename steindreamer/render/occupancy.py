@@ -22,6 +22,7 @@ class OccupancyConfig:
     update_every: int = 16  # steps between updates
     threshold: float = 0.01  # opacity over one cell above which the cell is occupied (nerfacc's occ_thre)
     decay: float = 0.95  # moving-maximum decay per update (nerfacc's ema_decay)
+    dilate: int = 1  # cells added around the occupied ones (0: nerfacc's mask)
 
 
 def cell_centres(resolution: int, bound: float, device=None) -> torch.Tensor:
@@ -52,7 +53,7 @@ class OccupancyGrid(nn.Module):
         pts = (cell_centres(r, self.bound, dev) + jitter).reshape(-1, 3)
         sigma = torch.cat([density_fn(pts[i:i + chunk]).float().reshape(-1) for i in range(0, pts.shape[0], chunk)])
         self.density.copy_(torch.maximum(self.density * self.cfg.decay, sigma.view(r, r, r)))
-        self.mask.copy_(occupied_cells(self.density, self.cell, self.cfg.threshold))
+        self.mask.copy_(occupied_cells(self.density, self.cell, self.cfg.threshold, self.cfg.dilate))
         return float(self.mask.float().mean())
 
     def query(self, points: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,10 @@ class OccupancyGrid(nn.Module):
         return self.mask[i[..., 0], i[..., 1], i[..., 2]] | ~inside
 
 
-def occupied_cells(density: torch.Tensor, cell: float, threshold: float) -> torch.Tensor:
-    """nerfacc's rule (opacity over one cell above min(threshold, mean)), dilated by one cell."""
+def occupied_cells(density: torch.Tensor, cell: float, threshold: float, dilate: int = 1) -> torch.Tensor:
+    """nerfacc's rule (opacity over one cell above min(threshold, mean)), dilated by `dilate` cells."""
     alpha = 1.0 - torch.exp(-density * cell)
     occ = alpha > min(threshold, float(alpha.mean()))
-    return nn.functional.max_pool3d(occ[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    if dilate <= 0:
+        return occ
+    return nn.functional.max_pool3d(occ[None, None].float(), 2 * dilate + 1, stride=1, padding=dilate)[0, 0] > 0

@@ -25,8 +25,12 @@ class RenderConfig:
     # Where normals (shading, normal maps) come from: "samples" = grad(sigma) at every sample,
     # accumulated along the ray (DreamFusion); "surface" = grad(sigma) once per ray at its expected
     # surface point, shaded there (deferred shading). The double backward then runs on one point per
-    # ray instead of every sample: a shaded step costs about what an unshaded one does.
+    # ray instead of every sample: a shaded step costs about what an unshaded one does; "difference"
+    # = at the same surface point by central differences of sigma, step normal_eps (threestudio's
+    # finite_difference normals): 6 density lookups per ray and no double backward, so the fused
+    # CPU hash grid (which differentiates once) serves them too.
     normals: str = "surface"
+    normal_eps: float = 0.01  # central-difference step (world units) for normals = "difference"
 
 
 def ray_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,24 +94,28 @@ def evaluate_field(field, points: torch.Tensor, normals: bool):
     """Density [R, S], albedo [R, S, 3] and (if asked) normals at samples [R, S, 3]. With the field's
     occupancy grid, the field runs only on samples in occupied cells; the others are empty (σ = 0)."""
     grid = getattr(field, "occupancy", None)
-    keep = grid.query(points) if grid is not None else None
-    if keep is not None and bool(keep.all()):
-        keep = None
-    pts = points if keep is None else points[keep]
+    index = None
+    if grid is not None:
+        # Flat indices of the kept samples: index_select / index_copy move rows ~3x faster on CPU
+        # than masked_select / masked_scatter (measured), forward and backward.
+        index = grid.query(points).view(-1).nonzero().squeeze(1)
+        if index.numel() == points.shape[0] * points.shape[1]:
+            index = None
+    pts = points if index is None else points.reshape(-1, 3).index_select(0, index)
     if normals:
         sigma, albedo, nrm = density_normals(field, pts, create_graph=torch.is_grad_enabled())
     else:
         (sigma, albedo), nrm = field(pts), None
-    if keep is None:
+    if index is None:
         return sigma, albedo, nrm
-    return _unpack(sigma, keep), _unpack(albedo, keep), None if nrm is None else _unpack(nrm, keep)
+    shape = points.shape[:2]
+    return _unpack(sigma, index, shape), _unpack(albedo, index, shape), None if nrm is None else _unpack(nrm, index, shape)
 
 
-def _unpack(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Packed values [K, ...] back to [R, S, ...] (zeros where keep is False), differentiably."""
+def _unpack(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Packed values [K, ...] at flat sample indices back to [R, S, ...] (zeros elsewhere), differentiably."""
     tail = values.shape[1:]
-    mask = keep.view(*keep.shape, *[1] * len(tail)).expand(*keep.shape, *tail)
-    return values.new_zeros(*keep.shape, *tail).masked_scatter(mask, values)
+    return values.new_zeros(shape.numel(), *tail).index_copy(0, index, values).view(*shape, *tail)
 
 
 def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading: str = "albedo", light_dir=None,
@@ -133,7 +141,7 @@ def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading
         rgb = accumulate(weights, color)
         out["normal"] = torch.nn.functional.normalize(accumulate(weights, normals), dim=-1, eps=1e-8)
     elif want_normals:
-        out["normal"] = surface_normals(field, origins, dirs, depth, hit[:, 0])
+        out["normal"] = surface_normals(field, origins, dirs, depth, hit[:, 0], cfg.normal_eps if cfg.normals == "difference" else 0.0)
         # shade() is linear in albedo, so shading the accumulated albedo at the surface equals shading
         # each sample with the surface's normal; textureless shades white albedo (the opacity).
         base = accumulate(weights, albedo) if shading != "textureless" else opacity.expand(-1, 3)
@@ -144,14 +152,26 @@ def render_rays(field, origins, dirs, background_rgb, cfg: RenderConfig, shading
     return out
 
 
-def surface_normals(field, origins: torch.Tensor, dirs: torch.Tensor, depth: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
-    """Unit normals [R, 3] at each hit ray's expected surface point o + depth d (0 where missed).
-    The point is held fixed (as sample positions are): gradients reach the field through grad(sigma)."""
+def surface_normals(field, origins: torch.Tensor, dirs: torch.Tensor, depth: torch.Tensor, hit: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Unit normals [R, 3] at each hit ray's expected surface point o + depth d (0 where missed),
+    from autograd (eps = 0) or central differences of step eps. The point is held fixed (as sample
+    positions are): gradients reach the field through grad(sigma)."""
     normals = origins.new_zeros(origins.shape)
     if bool(hit.any()):
         points = (origins[hit] + dirs[hit] * depth[hit]).detach()
-        normals = normals.index_put((hit.nonzero()[:, 0],), density_normals(field, points, create_graph=torch.is_grad_enabled())[2])
+        if eps > 0:
+            normal = difference_normals(field, points, eps)
+        else:
+            normal = density_normals(field, points, create_graph=torch.is_grad_enabled())[2]
+        normals = normals.index_put((hit.nonzero()[:, 0],), normal)
     return normals
+
+
+def difference_normals(field, points: torch.Tensor, eps: float) -> torch.Tensor:
+    """n = -grad(sigma)/|grad(sigma)| at points [N, 3], grad by central differences of step eps."""
+    offsets = torch.cat([torch.eye(3), -torch.eye(3)]).to(points) * eps  # +x +y +z -x -y -z
+    sigma = field(points[:, None, :] + offsets)[0]  # [N, 6]
+    return -torch.nn.functional.normalize(sigma[:, :3] - sigma[:, 3:], dim=-1, eps=1e-8)
 
 
 def render_views(field, background, cameras: Cameras, cfg: RenderConfig, height: int | None = None, *,

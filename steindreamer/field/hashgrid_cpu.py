@@ -1,0 +1,203 @@
+"""The hash-grid encoding fused for CPUs: `hashgrid.encode`'s forward and its table gradient as one C
+loop each, so a point's 8 corners x L levels are hashed, gathered and weighted in registers instead
+of through ~20 full-size PyTorch tensors (the bulk of a CPU step's render and backward).
+
+The C source below is built once per machine with the system's C compiler (about a second; no torch
+headers) and cached under ~/.cache/steindreamer; ctypes calls it. It runs on torch's OpenMP threads
+(forward: points split between threads; backward: levels, whose table rows are disjoint, so sums
+are race-free and deterministic). No compiler, or a failed build: the backend picker
+(`steindreamer.backends`) falls back to the pure-PyTorch path.
+
+Only the table gets a gradient: rendering holds sample points fixed. Normals differentiate through
+the points twice and take the PyTorch path (HashGridEncoding.forward routes them).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* One level's 8 corners of point u (in [0, 1]^3): table rows and trilinear weights, in the order of
+   hashgrid.encode ([x bit, y bit, z bit], x outermost) and with its arithmetic: uint32 products wrap
+   like Instant-NGP's hash, dense levels index x + y (r+1) + z (r+1)^2. */
+static inline void corners(const float *u, float res, int32_t res_max, int32_t res1, int32_t offset,
+                           int hashed, uint32_t mask, int64_t *row, float *w) {
+    uint32_t b[3];
+    float f[3];
+    for (int a = 0; a < 3; ++a) {
+        float p = u[a] * res;
+        int32_t bi = (int32_t)floorf(p);
+        if (bi > res_max) bi = res_max;
+        b[a] = (uint32_t)bi;
+        f[a] = p - (float)bi;
+    }
+    for (int c = 0; c < 8; ++c) {
+        uint32_t dx = (c >> 2) & 1, dy = (c >> 1) & 1, dz = c & 1;
+        uint32_t vx = b[0] + dx, vy = b[1] + dy, vz = b[2] + dz;
+        uint32_t idx = hashed ? ((vx * 1u) ^ (vy * 2654435761u) ^ (vz * 805459861u)) & mask
+                              : vx + vy * (uint32_t)res1 + vz * (uint32_t)res1 * (uint32_t)res1;
+        row[c] = (int64_t)idx + offset;
+        w[c] = (dx ? f[0] : 1.0f - f[0]) * (dy ? f[1] : 1.0f - f[1]) * (dz ? f[2] : 1.0f - f[2]);
+    }
+}
+
+static inline void unit(const float *x, float bound, float *u) {
+    for (int a = 0; a < 3; ++a) {
+        float v = (x[a] / bound) * 0.5f + 0.5f;
+        u[a] = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
+    }
+}
+
+/* out[i, l * F + k] = sum_c w_c table[row_c, k] for points begin <= i < end. */
+void hg_forward(const float *x, int64_t begin, int64_t end, const float *table, int32_t feats, int32_t levels,
+                const float *res_f, const int32_t *res_max, const int32_t *res1, const int32_t *offsets,
+                const uint8_t *hashed, uint32_t mask, float bound, float *out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = begin; i < end; ++i) {
+        int64_t row[8];
+        float w[8], u[3];
+        unit(x + 3 * i, bound, u);
+        float *o = out + i * levels * feats;
+        for (int32_t l = 0; l < levels; ++l) {
+            corners(u, res_f[l], res_max[l], res1[l], offsets[l], hashed[l], mask, row, w);
+            for (int32_t k = 0; k < feats; ++k) {
+                float s = 0.0f;
+                for (int c = 0; c < 8; ++c) s += w[c] * table[row[c] * feats + k];
+                o[l * feats + k] = s;
+            }
+        }
+    }
+}
+
+/* dtable[row_c, k] += w_c grad[i, l * F + k]. Each thread takes every T-th level (its own table rows,
+   so no races and a fixed order of sums; interleaved because coarse levels are cache-friendly and
+   fine ones are not) and runs over all points. */
+void hg_backward(const float *restrict x, int64_t n, const float *restrict grad, int32_t feats, int32_t levels,
+                 const float *res_f, const int32_t *res_max, const int32_t *res1,
+                 const int32_t *offsets, const uint8_t *hashed, uint32_t mask, float bound, float *restrict dtable) {
+    #pragma omp parallel
+    {
+        int first = 0, step = 1;
+#ifdef _OPENMP
+        first = omp_get_thread_num();
+        step = omp_get_num_threads();
+#endif
+        int64_t row[8];
+        float w[8], u[3];
+        for (int64_t i = 0; i < n; ++i) {
+            unit(x + 3 * i, bound, u);
+            const float *g = grad + i * levels * feats;
+            for (int32_t l = first; l < levels; l += step) {
+                corners(u, res_f[l], res_max[l], res1[l], offsets[l], hashed[l], mask, row, w);
+                for (int c = 0; c < 8; ++c)
+                    for (int32_t k = 0; k < feats; ++k) dtable[row[c] * feats + k] += w[c] * g[l * feats + k];
+            }
+        }
+    }
+}
+"""
+
+# -fopenmp links libgomp.so.1; torch's CPU wheel has already loaded its own libgomp.so.1, which the
+# dynamic loader reuses (same soname), so the kernel runs on torch's OpenMP threads and follows
+# torch.set_num_threads. A second thread pool would fight torch's spinning threads for the cores.
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c99"]
+_OPENMP = ["-fopenmp"]
+_P, _I64, _I32, _U32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32, ctypes.c_float
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "steindreamer"
+
+
+def _build(compiler: str, flags: list[str]) -> Path:
+    """Compile the source to a cached shared library (atomically: a temp file renamed into place)."""
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine()]).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir()) / "steindreamer-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+    lib = cache / f"hashgrid-{key}.so"
+    if lib.exists():
+        return lib
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src, out = Path(tmp) / "hashgrid.c", Path(tmp) / "hashgrid.so"
+        src.write_text(_SOURCE)
+        subprocess.run([compiler, *flags, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(out, lib)
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel (with OpenMP, else serial), or None where no C compiler works (then the
+    PyTorch path runs)."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    for flags in (_FLAGS + _OPENMP, _FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, flags)))
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    else:
+        return None
+    lib.hg_forward.argtypes = [_P, _I64, _I64, _P, _I32, _I32, _P, _P, _P, _P, _P, _U32, _F32, _P]
+    lib.hg_backward.argtypes = [_P, _I64, _P, _I32, _I32, _P, _P, _P, _P, _P, _U32, _F32, _P]
+    lib.hg_forward.restype = lib.hg_backward.restype = None
+    return lib
+
+
+class FusedEncode(torch.autograd.Function):
+    """features [N, L * F] from points [N, 3] (float32, CPU); gradient for the table only."""
+
+    @staticmethod
+    def forward(ctx, x, table, enc):
+        x, table = x.contiguous(), table.contiguous()
+        levels, feats = enc.res_f.shape[0], table.shape[1]
+        out = x.new_empty(x.shape[0], levels * feats)
+        library().hg_forward(x.data_ptr(), 0, x.shape[0], table.data_ptr(), feats, levels, *_constants(enc), out.data_ptr())
+        ctx.save_for_backward(x)
+        ctx.enc, ctx.table_shape = enc, table.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        enc, grad = ctx.enc, grad.contiguous()
+        levels, feats = enc.res_f.shape[0], ctx.table_shape[1]
+        dtable = grad.new_zeros(ctx.table_shape)
+        library().hg_backward(x.data_ptr(), x.shape[0], grad.data_ptr(), feats, levels, *_constants(enc), dtable.data_ptr())
+        return None, dtable, None
+
+
+def _constants(enc) -> tuple:
+    """The per-level constants' pointers (the buffers stay alive on the module) and scalars."""
+    # torch.bool is stored as one byte, 0 or 1: the C side reads it as uint8.
+    return (enc.res_f.data_ptr(), enc.res_max.data_ptr(), enc.res1.data_ptr(), enc.offsets.data_ptr(), enc.hashed.data_ptr(),
+            2**enc.cfg.log2_table - 1, float(enc.bound))
+
+
+def fused_encode(x: torch.Tensor, enc) -> torch.Tensor:
+    """The encoding of points x [N, 3] by HashGridEncoding `enc`, through the C kernel."""
+    return FusedEncode.apply(x, enc.table, enc)

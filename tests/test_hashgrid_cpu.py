@@ -1,0 +1,110 @@
+"""The fused CPU hash grid (field/hashgrid_cpu.py): the same features and table gradient as the
+PyTorch encoding it replaces, the same at any thread count, normals routed to the PyTorch path, and
+a clean fall-back where no C compiler builds it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steindreamer.backends import hashgrid_backend
+from steindreamer.field import hashgrid_cpu
+from steindreamer.field.hashgrid import HashGridConfig, HashGridEncoding, make_hashgrid
+
+needs_kernel = pytest.mark.skipif(hashgrid_cpu.library() is None, reason="no C compiler builds the fused hash grid here")
+
+# Dense levels, hashed levels and one at 2048 (products that wrap 32 bits); 3 features per level.
+CFG = HashGridConfig(levels=5, features=3, log2_table=12, base_res=3, max_res=2048)
+
+
+def pair(bound: float = 0.8) -> tuple[HashGridEncoding, HashGridEncoding]:
+    """A PyTorch encoding and a fused one with the same random table."""
+    torch_path, fused = HashGridEncoding(CFG, bound), HashGridEncoding(CFG, bound, fused=True)
+    with torch.no_grad():
+        torch_path.table.copy_(torch.randn(torch_path.table.shape, generator=torch.Generator().manual_seed(1)))
+        fused.table.copy_(torch_path.table)
+    return torch_path, fused
+
+
+def points(n: int, seed: int = 0) -> torch.Tensor:
+    """Random points in and beyond the grid's cube (outside it the encoding clamps), plus its corners."""
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.tensor([[0.8, 0.8, 0.8], [-0.8, -0.8, -0.8], [0.8, -0.8, 0.0]])
+    return torch.cat([torch.rand(n, 3, generator=g) * 2.0 - 1.0, corners])
+
+
+@needs_kernel
+def test_fused_kernel_matches_the_torch_encoding_and_its_table_gradient():
+    torch_path, fused = pair()
+    assert torch_path.hashed.tolist() == [False, False, True, True, True]
+    x = points(3000)
+    grad = torch.randn(x.shape[0], CFG.levels * CFG.features, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for enc in (torch_path, fused):
+        y = enc(x)
+        y.backward(grad)
+        outs.append(y.detach())
+    assert torch.allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(fused.table.grad, torch_path.table.grad, atol=1e-4, rtol=1e-5)
+    assert fused.table.grad.abs().sum() > 0
+    # The function behind it is the one autograd runs: not the PyTorch path in disguise.
+    fn = fused(x).grad_fn
+    assert "FusedEncodeBackward" in [type(f).__name__ for f in (fn, *(g for g, _ in fn.next_functions))]
+
+
+@needs_kernel
+def test_fused_kernel_gives_bit_identical_results_at_any_thread_count():
+    _, fused = pair()
+    x = points(2000, seed=3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            fused.table.grad = None
+            y = fused(x)
+            y.square().sum().backward()
+            results.append((y.detach(), fused.table.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for y, g in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(g, results[0][1])
+
+
+@needs_kernel
+def test_points_that_need_gradients_take_the_torch_path_and_differentiate_twice():
+    torch_path, fused = pair()
+    x = points(50, seed=4).requires_grad_(True)
+    grads = []
+    for enc in (torch_path, fused):
+        gx = torch.autograd.grad(enc(x).sum(), x, create_graph=True)[0]  # as normals do
+        gx.square().sum().backward()
+        grads.append((gx.detach(), enc.table.grad))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
+    assert grads[1][1].abs().sum() > 0
+    with torch.no_grad():  # float64 is not the kernel's: the PyTorch path serves it
+        assert torch.allclose(fused.double()(x.double()), torch_path.double()(x.double()))
+
+
+@needs_kernel
+def test_cpu_picks_the_kernel_unless_told_otherwise(monkeypatch):
+    assert hashgrid_backend("cpu") == "cpu"
+    assert make_hashgrid(CFG, 1.0, "cpu").fused
+    assert not make_hashgrid(HashGridConfig(backend="torch"), 1.0, "cpu").fused
+    monkeypatch.setenv("STEINDREAMER_BACKEND", "torch")
+    assert hashgrid_backend("cpu") == "torch"
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
+def test_without_a_working_compiler_the_torch_path_runs(compiler, monkeypatch, tmp_path):
+    """No compiler, or one that fails: 'auto' falls back to PyTorch; asking for 'cpu' is an error."""
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built earlier to reuse
+    hashgrid_cpu.library.cache_clear()
+    try:
+        assert hashgrid_cpu.library() is None
+        assert hashgrid_backend("cpu") == "torch"
+        assert not make_hashgrid(CFG, 1.0, "cpu").fused
+        with pytest.raises(RuntimeError, match="C kernel"):
+            hashgrid_backend("cpu", "cpu")
+    finally:
+        hashgrid_cpu.library.cache_clear()

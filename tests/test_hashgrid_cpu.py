@@ -52,6 +52,19 @@ def test_fused_kernel_matches_the_torch_encoding_and_its_table_gradient():
 
 
 @needs_kernel
+def test_non_finite_points_stay_inside_the_table():
+    """A NaN or infinite point (a diverged field's surface point) reads the grid's corner, never
+    memory outside the table."""
+    torch_path, fused = pair()
+    bad = torch.tensor([[float("nan"), 0.1, 0.2], [float("inf"), -float("inf"), 0.0], [1e30, -1e30, float("nan")]])
+    with torch.no_grad():
+        out = fused(bad)
+        clamped = torch_path(torch.tensor([[-0.8, 0.1, 0.2], [0.8, -0.8, 0.0], [0.8, -0.8, -0.8]]))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, clamped, atol=1e-5)
+
+
+@needs_kernel
 def test_fused_kernel_gives_bit_identical_results_at_any_thread_count():
     _, fused = pair()
     x = points(2000, seed=3)

@@ -60,7 +60,8 @@ static inline void corners(const float *u, float res, int32_t res_max, int32_t r
 static inline void unit(const float *x, float bound, float *u) {
     for (int a = 0; a < 3; ++a) {
         float v = (x[a] / bound) * 0.5f + 0.5f;
-        u[a] = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
+        /* Written so NaN lands on 0 like -inf does: an index must never leave the table. */
+        u[a] = v > 0.0f ? (v < 1.0f ? v : 1.0f) : 0.0f;
     }
 }
 

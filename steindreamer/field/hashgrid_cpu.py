@@ -65,12 +65,12 @@ static inline void unit(const float *x, float bound, float *u) {
     }
 }
 
-/* out[i, l * F + k] = sum_c w_c table[row_c, k] for points begin <= i < end. */
-void hg_forward(const float *x, int64_t begin, int64_t end, const float *table, int32_t feats, int32_t levels,
+/* out[i, l * F + k] = sum_c w_c table[row_c, k] for the n points. */
+void hg_forward(const float *x, int64_t n, const float *table, int32_t feats, int32_t levels,
                 const float *res_f, const int32_t *res_max, const int32_t *res1, const int32_t *offsets,
                 const uint8_t *hashed, uint32_t mask, float bound, float *out) {
     #pragma omp parallel for schedule(static)
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
         int64_t row[8];
         float w[8], u[3];
         unit(x + 3 * i, bound, u);
@@ -195,7 +195,7 @@ def library() -> ctypes.CDLL | None:
             continue
     else:
         return None
-    lib.hg_forward.argtypes = [_P, _I64, _I64, _P, _I32, _I32, _P, _P, _P, _P, _P, _U32, _F32, _P]
+    lib.hg_forward.argtypes = [_P, _I64, _P, _I32, _I32, _P, _P, _P, _P, _P, _U32, _F32, _P]
     lib.hg_backward.argtypes = [_P, _I64, _P, _I32, _I32, _P, _P, _P, _P, _P, _U32, _F32, _P]
     lib.hg_forward.restype = lib.hg_backward.restype = None
     return lib
@@ -209,7 +209,7 @@ class FusedEncode(torch.autograd.Function):
         x, table = x.contiguous(), table.contiguous()
         levels, feats = enc.res_f.shape[0], table.shape[1]
         out = x.new_empty(x.shape[0], levels * feats)
-        library().hg_forward(x.data_ptr(), 0, x.shape[0], table.data_ptr(), feats, levels, *_constants(enc), out.data_ptr())
+        library().hg_forward(x.data_ptr(), x.shape[0], table.data_ptr(), feats, levels, *_constants(enc), out.data_ptr())
         ctx.save_for_backward(x)
         ctx.enc, ctx.table_shape = enc, table.shape
         return out

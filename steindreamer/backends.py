@@ -1,7 +1,8 @@
 """The one place that picks accelerated libraries. Every part has a pure-PyTorch path that runs on
 CPU and CUDA; tinycudann (hash grid), nerfacc (occupancy grid, packed volume rendering) and
 nvdiffrast (rasteriser) are optional CUDA backends, used only when importable and on CUDA. On CPU
-the hash grid has a fused C kernel (`field/hashgrid_cpu.py`), used where a C compiler builds it.
+the hash grid and the occupancy lookup have C kernels (`steindreamer.native`), used where a C
+compiler builds them.
 
 `STEINDREAMER_BACKEND=torch` forces the pure-PyTorch path everywhere (parity tests, debugging).
 """
@@ -55,6 +56,15 @@ def hashgrid_backend(device, requested: str = "auto") -> str:
     if requested == "cpu":
         requested = "auto"  # a CPU kernel asked for on CUDA: the usual choice there
     return "tcnn" if _pick(device, "tinycudann", "tinycudann" if requested == "tcnn" else requested) == "tinycudann" else "torch"
+
+
+def occupancy_backend(device) -> str:
+    """'cpu' (the occupancy lookup's C loop, where a compiler builds it) or 'torch'."""
+    if torch.device(device).type != "cpu" or _forced_torch():
+        return "torch"
+    from .render.occupancy import _library
+
+    return "cpu" if _library() is not None else "torch"
 
 
 def volume_backend(device, requested: str = "auto") -> str:

@@ -114,16 +114,26 @@ def test_cpu_picks_the_kernel_unless_told_otherwise(monkeypatch):
 
 
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
-def test_without_a_working_compiler_the_torch_path_runs(compiler, monkeypatch, tmp_path):
-    """No compiler, or one that fails: 'auto' falls back to PyTorch; asking for 'cpu' is an error."""
+def test_without_a_working_compiler_the_torch_paths_run(compiler, monkeypatch, tmp_path):
+    """No compiler, or one that fails: 'auto' falls back to PyTorch (hash grid and occupancy
+    lookup); asking for the 'cpu' hash grid is an error."""
+    from steindreamer import native
+    from steindreamer.backends import occupancy_backend
+    from steindreamer.render import occupancy
+
+    caches = (native.load, hashgrid_cpu.library, occupancy._library)
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built earlier to reuse
-    hashgrid_cpu.library.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     try:
-        assert hashgrid_cpu.library() is None
-        assert hashgrid_backend("cpu") == "torch"
+        assert hashgrid_cpu.library() is None and occupancy._library() is None
+        assert hashgrid_backend("cpu") == "torch" and occupancy_backend("cpu") == "torch"
         assert not make_hashgrid(CFG, 1.0, "cpu").fused
         with pytest.raises(RuntimeError, match="C kernel"):
             hashgrid_backend("cpu", "cpu")
+        grid = occupancy.OccupancyGrid(occupancy.OccupancyConfig(resolution=8), 1.0)
+        assert grid.select(torch.zeros(5, 3)).tolist() == [0, 1, 2, 3, 4]  # the PyTorch path answers
     finally:
-        hashgrid_cpu.library.cache_clear()
+        for cache in caches:
+            cache.cache_clear()

@@ -47,6 +47,26 @@ def test_dilation_grows_an_occupied_cell_into_a_cube_of_neighbours(dilate):
     assert bool(mask[5 - dilate:6 + dilate, 9 - dilate:10 + dilate, 7 - dilate:8 + dilate].all())
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_select_keeps_exactly_the_points_query_keeps(backend, monkeypatch):
+    """select (the renderer's packing; a C loop on CPU where a compiler builds it) = query().nonzero(),
+    with points outside the grid, on its faces and NaN / infinite ones all kept."""
+    from steindreamer.backends import occupancy_backend
+
+    if backend == "torch":
+        monkeypatch.setenv("STEINDREAMER_BACKEND", "torch")
+    elif occupancy_backend("cpu") != "cpu":
+        pytest.skip("no C compiler builds the occupancy kernel here")
+    grid = OccupancyGrid(OccupancyConfig(resolution=16), bound=0.8)
+    g = torch.Generator().manual_seed(0)
+    grid.mask.copy_(torch.rand(16, 16, 16, generator=g) < 0.3)
+    pts = (torch.rand(5000, 3, generator=g) * 2 - 1) * 0.9  # ~30 % outside the grid's cube
+    pts[:4] = torch.tensor([[float("nan"), 0.0, 0.0], [0.8, 0.1, 0.1], [-0.8, -0.8, -0.8], [float("inf"), 0.0, 0.0]])
+    expected = grid.query(pts).nonzero().squeeze(1)
+    assert torch.equal(grid.select(pts), expected)
+    assert 0 < expected.numel() < 5000 and {0, 1, 3} <= set(expected[:4].tolist())
+
+
 def test_moving_maximum_forgets_emptied_cells_slowly_and_threshold_follows_the_mean():
     grid = OccupancyGrid(OccupancyConfig(resolution=16, decay=0.5), bound=1.0)
     g = torch.Generator().manual_seed(0)

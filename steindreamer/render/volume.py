@@ -98,7 +98,7 @@ def evaluate_field(field, points: torch.Tensor, normals: bool):
     if grid is not None:
         # Flat indices of the kept samples: index_select / index_copy move rows ~3x faster on CPU
         # than masked_select / masked_scatter (measured), forward and backward.
-        index = grid.query(points).view(-1).nonzero().squeeze(1)
+        index = grid.select(points.reshape(-1, 3))
         if index.numel() == points.shape[0] * points.shape[1]:
             index = None
     pts = points if index is None else points.reshape(-1, 3).index_select(0, index)

@@ -74,9 +74,13 @@ def peak_mib(device) -> float:
 
 
 def timings(clock: Clock, warmup: int) -> dict:
-    """Median step, median UNet CFG forward, their ratio and the other parts' medians."""
+    """Median step, median UNet CFG forward, their ratio and the other parts' medians; also the
+    median of each step's own ratio to the UNet CFG forward timed right after it (the machine's
+    speed drifts over a run: a pair measured back to back shares its state)."""
     med = clock.medians(warmup)
+    pairs = [s / u for s, u in zip(clock.times["step"][warmup:], clock.times["unet_cfg"][warmup:])]
     return {"step_seconds": med["step"], "unet_cfg_seconds": med["unet_cfg"], "step_over_unet": med["step"] / med["unet_cfg"],
+            "step_over_unet_paired": statistics.median(pairs) if pairs else None,
             "breakdown": {k: v for k, v in med.items() if k != "step"}}
 
 

@@ -62,9 +62,9 @@ def occupancy_backend(device) -> str:
     """'cpu' (the occupancy lookup's C loop, where a compiler builds it) or 'torch'."""
     if torch.device(device).type != "cpu" or _forced_torch():
         return "torch"
-    from .render.occupancy import _library
+    from .render.occupancy import library
 
-    return "cpu" if _library() is not None else "torch"
+    return "cpu" if library() is not None else "torch"
 
 
 def volume_backend(device, requested: str = "auto") -> str:

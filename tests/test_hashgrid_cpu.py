@@ -1,6 +1,6 @@
 """The fused CPU hash grid (field/hashgrid_cpu.py): the same features and table gradient as the
 PyTorch encoding it replaces, the same at any thread count, normals routed to the PyTorch path, and
-a clean fall-back where no C compiler builds it."""
+a clean fall-back (for the occupancy kernel too) where no C compiler builds it."""
 from __future__ import annotations
 
 import dataclasses
@@ -121,13 +121,13 @@ def test_without_a_working_compiler_the_torch_paths_run(compiler, monkeypatch, t
     from steindreamer.backends import occupancy_backend
     from steindreamer.render import occupancy
 
-    caches = (native.load, hashgrid_cpu.library, occupancy._library)
+    caches = (native.load, hashgrid_cpu.library, occupancy.library)
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no library built earlier to reuse
     for cache in caches:
         cache.cache_clear()
     try:
-        assert hashgrid_cpu.library() is None and occupancy._library() is None
+        assert hashgrid_cpu.library() is None and occupancy.library() is None
         assert hashgrid_backend("cpu") == "torch" and occupancy_backend("cpu") == "torch"
         assert not make_hashgrid(CFG, 1.0, "cpu").fused
         with pytest.raises(RuntimeError, match="C kernel"):

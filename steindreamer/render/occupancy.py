@@ -72,7 +72,7 @@ class OccupancyGrid(nn.Module):
     def select(self, points: torch.Tensor) -> torch.Tensor:
         """Flat indices (int64, ascending) of the points [N, 3] that `query` keeps. On CPU one C loop
         (32k render samples: ~0.9 ms as query + nonzero in PyTorch, ~0.25 ms in C; measured)."""
-        lib = _library() if occupancy_backend(points.device) == "cpu" else None
+        lib = library() if occupancy_backend(points.device) == "cpu" else None
         if lib is None or points.dtype != torch.float32:
             return self.query(points).view(-1).nonzero().squeeze(1)
         pts = points.reshape(-1, 3).contiguous()
@@ -117,7 +117,8 @@ int64_t occ_select(const float *pts, int64_t n, const uint8_t *mask, int32_t res
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """The select kernel, or None where no C compiler builds it (then query + nonzero run)."""
     lib = native.load("occupancy", _SOURCE)
     if lib is not None:
         lib.occ_select.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p]

@@ -144,7 +144,12 @@ class Browser:
         self.close()
 
 
-def red_fraction(image: np.ndarray) -> float:
-    """Share of pixels that are strongly red (red high, green and blue well below it)."""
+def red_mask(image: np.ndarray) -> np.ndarray:
+    """Pixels that are strongly red (red high, green and blue well below it)."""
     r, g, b = (image[..., i].astype(np.int32) for i in range(3))
-    return float(((r > 150) & (r - g > 80) & (r - b > 80)).mean())
+    return (r > 150) & (r - g > 80) & (r - b > 80)
+
+
+def red_fraction(image: np.ndarray) -> float:
+    """Share of pixels that are strongly red."""
+    return float(red_mask(image).mean())

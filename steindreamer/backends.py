@@ -42,15 +42,20 @@ def _pick(device: torch.device | str, library: str, requested: str = "auto") -> 
     return library if available else "torch"
 
 
+def _native(device, library) -> bool:
+    """Whether a C kernel (steindreamer.native) serves this device: CPU, not forced to PyTorch, and
+    `library()` built."""
+    return torch.device(device).type == "cpu" and not _forced_torch() and library() is not None
+
+
 def hashgrid_backend(device, requested: str = "auto") -> str:
     """'tcnn' (CUDA), 'cpu' (the fused C kernel, CPU) or 'torch'."""
-    device = torch.device(device)
-    if device.type == "cpu" and requested in ("auto", "cpu") and not _forced_torch():
+    if torch.device(device).type == "cpu" and requested in ("auto", "cpu"):
         from .field.hashgrid_cpu import library
 
-        if library() is not None:
+        if _native(device, library):
             return "cpu"
-        if requested == "cpu":
+        if requested == "cpu" and not _forced_torch():
             raise RuntimeError("backend 'cpu' requested but the hash grid's C kernel does not build here (no working C compiler)")
         return "torch"
     if requested == "cpu":
@@ -60,11 +65,9 @@ def hashgrid_backend(device, requested: str = "auto") -> str:
 
 def occupancy_backend(device) -> str:
     """'cpu' (the occupancy lookup's C loop, where a compiler builds it) or 'torch'."""
-    if torch.device(device).type != "cpu" or _forced_torch():
-        return "torch"
     from .render.occupancy import library
 
-    return "cpu" if library() is not None else "torch"
+    return "cpu" if _native(device, library) else "torch"
 
 
 def volume_backend(device, requested: str = "auto") -> str:

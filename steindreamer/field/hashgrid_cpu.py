@@ -154,7 +154,7 @@ class FusedEncode(torch.autograd.Function):
         out = x.new_empty(x.shape[0], levels * feats)
         library().hg_forward(x.data_ptr(), x.shape[0], table.data_ptr(), feats, levels, *_constants(enc), out.data_ptr())
         ctx.save_for_backward(x)
-        ctx.enc, ctx.table_shape = enc, table.shape
+        ctx.enc = enc
         return out
 
     @staticmethod
@@ -162,8 +162,8 @@ class FusedEncode(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         enc, grad = ctx.enc, grad.contiguous()
-        levels, feats = enc.res_f.shape[0], ctx.table_shape[1]
-        dtable = grad.new_zeros(ctx.table_shape)
+        levels, feats = enc.res_f.shape[0], enc.table.shape[1]
+        dtable = grad.new_zeros(enc.table.shape)
         library().hg_backward(x.data_ptr(), x.shape[0], grad.data_ptr(), feats, levels, *_constants(enc), dtable.data_ptr())
         return None, dtable, None
 

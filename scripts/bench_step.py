@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from steindreamer.backends import volume_backend  # noqa: E402
 from steindreamer.config import load_config  # noqa: E402
+from steindreamer.fsio import atomic_write  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
 from steindreamer.guidance.engines import injected_loss  # noqa: E402
 from steindreamer.mesh_stage import MeshStage  # noqa: E402
@@ -108,6 +110,42 @@ def sd_shaped_guidance(device, dtype):
     return DiffusionGuidance.from_components(unet, text, tokenizer, scheduler, vae, device, dtype, name="sd-shaped")
 
 
+def nerf_step(stage: NeRFStage, clock: Clock) -> tuple:
+    """One NeRF-stage step, as NeRFStage.step takes it, each part timed on `clock`."""
+    guidance = stage.guidance
+    with clock("step"):
+        with clock("render"):
+            out, cams = stage.render_train()
+        with clock("encode"):
+            x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
+        cond = stage.text_for(cams)
+        t, noise = stage.draw_noise(x)
+        with clock("guidance"):
+            grad, _ = stage.distiller.gradient(x, out, cams, cond, stage.uncond, t, noise, generator=stage.generator)
+        with clock("backward"):
+            injected_loss(x.float(), grad).backward()
+        with clock("optimizer"):
+            stage.optimizer.step()
+            stage.optimizer.zero_grad(set_to_none=True)
+        with clock("occupancy"):  # as NeRFStage.step does (every update_every steps)
+            stage.update_occupancy()
+            stage.step_index += 1
+    return out, cams, x, cond, t, noise
+
+
+def profile_steps(stage: NeRFStage, path: str, steps: int = 4) -> None:
+    """torch.profiler's operator and kernel table over a few more steps (slowest first), to PATH."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if stage.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            nerf_step(stage, Clock(stage.device))
+        sync(stage.device)
+    key = "self_cuda_time_total" if stage.device.type == "cuda" else "self_cpu_time_total"
+    atomic_write(path, f"{steps} NeRF-stage steps\n" + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+
+
 def bench_engine(engine: str, args, device) -> dict:
     overrides = [f"engine={engine}", f"train.device={device}", "train.variance_every=0", "train.batch_size=1", *args.override]
     if args.model != "sd-shaped":  # the built-in model or any diffusers folder, with the toy preset's settings
@@ -127,24 +165,8 @@ def bench_engine(engine: str, args, device) -> dict:
     modes = []
     clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
-        with clock("step"):
-            with clock("render"):
-                out, cams = stage.render_train()
-            modes.append("normal" in out)
-            with clock("encode"):
-                x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-            cond = stage.text_for(cams)
-            t, noise = stage.draw_noise(x)
-            with clock("guidance"):
-                grad, _ = stage.distiller.gradient(x, out, cams, cond, stage.uncond, t, noise, generator=stage.generator)
-            with clock("backward"):
-                injected_loss(x.float(), grad).backward()
-            with clock("optimizer"):
-                stage.optimizer.step()
-                stage.optimizer.zero_grad(set_to_none=True)
-            with clock("occupancy"):  # as NeRFStage.step does (every update_every steps)
-                stage.update_occupancy()
-                stage.step_index += 1
+        out, cams, x, cond, t, noise = nerf_step(stage, clock)
+        modes.append("normal" in out)
         # The parts of the guidance call, each measured alone on the same inputs.
         with torch.no_grad():
             x_t = guidance.add_noise(x.detach().float(), noise, t)
@@ -162,8 +184,14 @@ def bench_engine(engine: str, args, device) -> dict:
         times = [t for t, m in zip(clock.times["step"][args.warmup:], shaded) if m == flag]
         if times:
             by_mode[name] = {"steps": len(times), "step_seconds": statistics.median(times)}
-    result = {"stage": "nerf", **timings(clock, args.warmup), "by_shading": by_mode, "peak_memory_mib": peak_mib(device),
+    enc = stage.field.encoding
+    backends = {"hashgrid": "tcnn" if not hasattr(enc, "kernel") else ("torch.compile" if enc.kernel == "torch" and cfg.field.grid.compile else enc.kernel),
+                "volume": volume_backend(device, cfg.render.backend),
+                "occupancy": "off" if stage.field.occupancy is None else ("cpu" if stage.field.occupancy.native and device.type == "cpu" else "torch")}
+    result = {"stage": "nerf", **timings(clock, args.warmup), "by_shading": by_mode, "peak_memory_mib": peak_mib(device), "backends": backends,
               "render": f"{cfg.render.resolution}x{cfg.render.resolution}x{cfg.render.samples} samples", "model_resolution": guidance.image_size}
+    if args.profile:
+        profile_steps(stage, f"{args.profile}.{engine}.txt")
     if "mesh" in args.stages.split(","):
         result["mesh_stage"] = bench_mesh(stage, args, device)
     return result
@@ -212,6 +240,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out")
+    parser.add_argument("--profile", metavar="PREFIX", help="also write torch.profiler's table of a few more steps to PREFIX.<engine>.txt")
     parser.add_argument("override", nargs="*", help="config overrides, key=value (e.g. resolution=64 render.samples=64)")
     args = parser.parse_args()
     if args.threads:
@@ -230,8 +259,6 @@ def main() -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        from steindreamer.fsio import atomic_write
-
         atomic_write(args.out, text)
     return 0
 

@@ -1,5 +1,5 @@
 """The one place that picks accelerated libraries. Every part has a pure-PyTorch path that runs on
-CPU and CUDA; tinycudann (hash grid), nerfacc (occupancy grid, packed volume rendering) and
+CPU and CUDA; tinycudann or a Triton kernel (hash grid), nerfacc (occupancy grid, packed volume rendering) and
 nvdiffrast (rasteriser) are optional CUDA backends, used only when importable and on CUDA. On CPU
 the hash grid and the occupancy lookup have C kernels (`steindreamer.native`), used where a C
 compiler builds them.
@@ -49,7 +49,8 @@ def _native(device, library) -> bool:
 
 
 def hashgrid_backend(device, requested: str = "auto") -> str:
-    """'tcnn' (CUDA), 'cpu' (the fused C kernel, CPU) or 'torch'."""
+    """'tcnn' or 'triton' (CUDA), 'cpu' (the fused C kernel, CPU) or 'torch'. On CUDA, 'auto' takes
+    tinycudann where it imports, else the Triton kernel (hashgrid_triton) where Triton imports."""
     if torch.device(device).type == "cpu" and requested in ("auto", "cpu"):
         from .field.hashgrid_cpu import library
 
@@ -60,7 +61,11 @@ def hashgrid_backend(device, requested: str = "auto") -> str:
         return "torch"
     if requested == "cpu":
         requested = "auto"  # a CPU kernel asked for on CUDA: the usual choice there
-    return "tcnn" if _pick(device, "tinycudann", "tinycudann" if requested == "tcnn" else requested) == "tinycudann" else "torch"
+    if requested in ("auto", "tcnn") and _pick(device, "tinycudann", "tinycudann" if requested == "tcnn" else "auto") == "tinycudann":
+        return "tcnn"
+    if requested in ("auto", "triton") and _pick(device, "triton", requested) == "triton":
+        return "triton"
+    return "torch"
 
 
 def occupancy_backend(device) -> str:

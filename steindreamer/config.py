@@ -226,7 +226,7 @@ def validate(cfg: Config) -> None:
     _check(f.grid.levels >= 1 and f.grid.features >= 1, "field.grid.levels/features", ">= 1")
     _check(1 <= f.grid.log2_table <= 24, "field.grid.log2_table", "in [1, 24]")
     _check(1 <= f.grid.base_res <= f.grid.max_res, "field.grid.base_res/max_res", "1 <= base_res <= max_res")
-    _check(f.grid.backend in ("auto", "torch", "tcnn", "cpu"), "field.grid.backend", "one of auto, torch, tcnn, cpu")
+    _check(f.grid.backend in ("auto", "torch", "tcnn", "triton", "cpu"), "field.grid.backend", "one of auto, torch, tcnn, triton, cpu")
     o = f.occupancy
     _check(o.resolution == 0 or 8 <= o.resolution <= 256, "field.occupancy.resolution", "0 (off) or in [8, 256]")
     _check(0 <= o.dilate <= 4, "field.occupancy.dilate", "in [0, 4]")

@@ -46,7 +46,8 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     assert (tmp_path / "engines.png").read_bytes()[:4] == b"\x89PNG"
 
     out = tmp_path / "step.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--engines", "sds,ssd", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_step.py"), "--engines", "sds,ssd", "--steps", "1", "--warmup", "0", "--out", str(out),
+           "--profile", str(tmp_path / "profile")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     res = json.loads(out.read_text())
     assert res["device"].startswith("cpu")
@@ -59,3 +60,7 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
         assert mesh["stage"] == "mesh" and mesh["faces"] > 0
         assert mesh["step_seconds"] > mesh["unet_cfg_seconds"] > 0 and {"render", "backward", "unet_cfg"} <= set(mesh["breakdown"])
     assert res["step_time_ratio_ssd_sds"] > 0
+    assert res["engines"]["sds"]["backends"]["hashgrid"] in ("cpu", "torch")  # what served the field
+    for engine in ("sds", "ssd"):  # the profiler's table of the same step
+        table = (tmp_path / f"profile.{engine}.txt").read_text()
+        assert table.startswith("4 NeRF-stage steps") and "aten::" in table

@@ -22,7 +22,7 @@ CFG = HashGridConfig(levels=5, features=3, log2_table=12, base_res=3, max_res=20
 def pair(bound: float = 0.8, features: int = 3) -> tuple[HashGridEncoding, HashGridEncoding]:
     """A PyTorch encoding and a fused one with the same random table."""
     cfg = dataclasses.replace(CFG, features=features)
-    torch_path, fused = HashGridEncoding(cfg, bound), HashGridEncoding(cfg, bound, fused=True)
+    torch_path, fused = HashGridEncoding(cfg, bound), HashGridEncoding(cfg, bound, kernel="cpu")
     with torch.no_grad():
         torch_path.table.copy_(torch.randn(torch_path.table.shape, generator=torch.Generator().manual_seed(1)))
         fused.table.copy_(torch_path.table)
@@ -107,8 +107,8 @@ def test_points_that_need_gradients_take_the_torch_path_and_differentiate_twice(
 @needs_kernel
 def test_cpu_picks_the_kernel_unless_told_otherwise(monkeypatch):
     assert hashgrid_backend("cpu") == "cpu"
-    assert make_hashgrid(CFG, 1.0, "cpu").fused
-    assert not make_hashgrid(HashGridConfig(backend="torch"), 1.0, "cpu").fused
+    assert make_hashgrid(CFG, 1.0, "cpu").kernel == "cpu"
+    assert make_hashgrid(HashGridConfig(backend="torch"), 1.0, "cpu").kernel == "torch"
     monkeypatch.setenv("STEINDREAMER_BACKEND", "torch")
     assert hashgrid_backend("cpu") == "torch"
 
@@ -129,7 +129,7 @@ def test_without_a_working_compiler_the_torch_paths_run(compiler, monkeypatch, t
     try:
         assert hashgrid_cpu.library() is None and occupancy.library() is None
         assert hashgrid_backend("cpu") == "torch" and occupancy_backend("cpu") == "torch"
-        assert not make_hashgrid(CFG, 1.0, "cpu").fused
+        assert make_hashgrid(CFG, 1.0, "cpu").kernel == "torch"
         with pytest.raises(RuntimeError, match="C kernel"):
             hashgrid_backend("cpu", "cpu")
         grid = occupancy.OccupancyGrid(occupancy.OccupancyConfig(resolution=8), 1.0)

@@ -23,7 +23,7 @@ class HashGridConfig:
     log2_table: int = 19  # hash table size per level = 2^log2_table
     base_res: int = 16
     max_res: int = 2048
-    backend: str = "auto"  # auto | torch | tcnn (CUDA) | cpu (fused C kernel)
+    backend: str = "auto"  # auto | torch | tcnn (CUDA) | triton (CUDA, fused Triton kernel) | cpu (fused C kernel)
     # torch.compile the torch encoding (fused kernels) wherever points need no second derivative,
     # i.e. everywhere but normals, and the C kernel is not in use. Costs a one-off compile (~30 s on
     # 2 CPU cores), so it pays on long runs, not on the toy preset's 600 steps.
@@ -44,10 +44,12 @@ class HashGridEncoding(nn.Module):
     finer levels use the spatial hash, where distinct vertices may share an entry by design.
     """
 
-    def __init__(self, cfg: HashGridConfig, bound: float = 1.0, fused: bool = False):
+    def __init__(self, cfg: HashGridConfig, bound: float = 1.0, kernel: str = "torch"):
         super().__init__()
         self.cfg, self.bound = cfg, bound
-        self.fused = fused  # the C kernel (hashgrid_cpu) for float32 CPU points that need no gradient
+        # A fused kernel for float32 points that need no gradient: "cpu" (hashgrid_cpu, C) on CPU
+        # points, "triton" (hashgrid_triton) on CUDA points; "torch": the PyTorch path only.
+        self.kernel = kernel
         self.out_dim = cfg.levels * cfg.features
         self.resolutions = level_resolutions(cfg)
         table = 2**cfg.log2_table
@@ -75,14 +77,19 @@ class HashGridEncoding(nn.Module):
         # The C kernel and compiled graphs differentiate once, and only for the table; normals
         # differentiate through the points twice: they take the eager path.
         point_grad = torch.is_grad_enabled() and x.requires_grad
-        if self.fused and not point_grad and x.device.type == "cpu" and x.dtype == self.table.dtype == torch.float32:
-            from .hashgrid_cpu import fused_encode
+        if self.kernel != "torch" and not point_grad and x.dtype == self.table.dtype == torch.float32:
+            if self.kernel == "cpu" and x.device.type == "cpu":
+                from .hashgrid_cpu import fused_encode
 
-            return fused_encode(x.reshape(-1, 3), self).reshape(*shape, self.out_dim)
+                return fused_encode(x.reshape(-1, 3), self).reshape(*shape, self.out_dim)
+            if self.kernel == "triton" and x.device.type == "cuda":
+                from .hashgrid_triton import triton_encode
+
+                return triton_encode(x.reshape(-1, 3), self).reshape(*shape, self.out_dim)
         eager = not self.cfg.compile or point_grad
-        fn = encode if eager else _compiled_encode()
-        out = fn(x.reshape(-1, 3), self.table, self.res_f, self.res_max, self.res1, self.offsets, self.hashed,
-                 self.bound, self.cfg.log2_table, self.cfg.features)
+        args = (x.reshape(-1, 3), self.table, self.res_f, self.res_max, self.res1, self.offsets, self.hashed)
+        scalars = (self.bound, self.cfg.log2_table, self.cfg.features)
+        out = encode(*args, *scalars) if eager else _compiled_encode(*scalars)(*args)
         return out.reshape(*shape, self.out_dim)
 
 
@@ -114,9 +121,12 @@ def encode(x, table, res_f, res_max, res1, offsets, hashed, bound: float, log2_t
 
 
 @functools.cache
-def _compiled_encode():
-    """`encode` under torch.compile, built once per process (dynamic shapes: N changes every step)."""
-    return torch.compile(encode, dynamic=True)
+def _compiled_encode(bound: float, log2_table: int, features: int):
+    """`encode` under torch.compile, built once per process and configuration. The scalars are baked
+    in as constants, and shapes go dynamic only once they change (N does every step): under
+    dynamic=True the integers became symbols too, and Triton computed the hash mask 2**log2_table - 1
+    as a float, a compile error on CUDA (seen on an H100)."""
+    return torch.compile(lambda *tensors: encode(*tensors, bound, log2_table, features))
 
 
 class _Gather(torch.autograd.Function):
@@ -187,4 +197,4 @@ def make_hashgrid(cfg: HashGridConfig, bound: float, device) -> nn.Module:
     backend = hashgrid_backend(device, cfg.backend)
     if backend == "tcnn":
         return TcnnHashGridEncoding(cfg, bound)
-    return HashGridEncoding(cfg, bound, fused=backend == "cpu")
+    return HashGridEncoding(cfg, bound, kernel=backend if backend in ("cpu", "triton") else "torch")

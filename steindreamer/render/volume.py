@@ -51,14 +51,24 @@ def stratified_samples(near: torch.Tensor, far: torch.Tensor, n: int, generator:
     span = (far - near)[:, None]
     t_edges = near[:, None] + span * edges
     if perturb:
-        # The training generator lives on the CPU (one RNG stream for determinism and resume).
-        u = torch.rand(near.shape[0], n, generator=generator, dtype=near.dtype).to(near.device)
+        u = uniform((near.shape[0], n), generator, near)
         mid = t_edges[:, :-1] + u * (span / n)
     else:
         mid = 0.5 * (t_edges[:, :-1] + t_edges[:, 1:])
     # Intervals around the jittered points keep their lengths summing to far - near.
     bounds = torch.cat([near[:, None], 0.5 * (mid[:, 1:] + mid[:, :-1]), far[:, None]], -1)
     return bounds[:, :-1], bounds[:, 1:]
+
+
+def uniform(shape: tuple, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) draws of like's dtype on like's device from the training generator, which lives on the
+    CPU (one RNG stream for determinism and resume). Off the CPU, one draw from it seeds a generator
+    on the device: copying the draws over instead cost ~100 ms a step at a 512x512 render with 64
+    samples on an H100 (16.7M CPU draws and a pageable copy, measured)."""
+    if like.device.type == "cpu" or generator is None:
+        return torch.rand(shape, generator=generator, dtype=like.dtype).to(like.device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.rand(shape, generator=torch.Generator(like.device).manual_seed(seed), dtype=like.dtype, device=like.device)
 
 
 def render_weights(sigmas: torch.Tensor, t_starts: torch.Tensor, t_ends: torch.Tensor, backend: str = "torch") -> torch.Tensor:

@@ -1,0 +1,132 @@
+"""The hash-grid encoding fused for CUDA GPUs in Triton: `hashgrid.encode`'s forward and its table
+gradient as one kernel each, the GPU counterpart of `hashgrid_cpu`. The PyTorch path materialises
+[8 corners, L levels, N] index and weight tensors (at a 512x512 render, millions of samples, tens of
+GiB of traffic); here a program takes a block of points at one level and keeps its 8 corners in
+registers. Programs of one level run together, so that level's table stays in L2.
+
+Used where Triton imports and tinycudann does not (picked in `steindreamer.backends`). Only the
+table gets a gradient: rendering holds sample points fixed; normals differentiate through the points
+twice and take the PyTorch path (HashGridEncoding.forward routes them). The backward accumulates
+with atomic adds, so its sums are not bit-reproducible run to run (as tinycudann's are not).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .hashgrid import _PRIMES32
+
+BLOCK = 256  # points per program
+
+try:  # optional: only imported where the backend picker chose this module (CUDA and Triton present)
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    triton = None
+
+# _PRIMES32 written out: Triton kernels take integer literals, not Python globals.
+assert _PRIMES32 == (1, -1640531535, 805459861)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner: tl.constexpr):
+        """Table row and trilinear weight of one of a point's 8 corners (bit 0: x, 1: y, 2: z)."""
+        # ((x / bound) * 0.5 + 0.5) was applied by the caller; NaN goes to 0 as in the C kernel.
+        bx = tl.minimum(tl.floor(px * res_f).to(tl.int32), res_max)
+        by = tl.minimum(tl.floor(py * res_f).to(tl.int32), res_max)
+        bz = tl.minimum(tl.floor(pz * res_f).to(tl.int32), res_max)
+        fx = px * res_f - bx.to(tl.float32)
+        fy = py * res_f - by.to(tl.float32)
+        fz = pz * res_f - bz.to(tl.float32)
+        cx = bx + (corner & 1)
+        cy = by + ((corner >> 1) & 1)
+        cz = bz + ((corner >> 2) & 1)
+        wx = fx if (corner & 1) else 1.0 - fx
+        wy = fy if ((corner >> 1) & 1) else 1.0 - fy
+        wz = fz if ((corner >> 2) & 1) else 1.0 - fz
+        # int32 products wrap modulo 2^32, as Instant-NGP's uint32 hash (primes as int32 bit patterns).
+        h = (cx ^ (cy * -1640531535) ^ (cz * 805459861)) & mask
+        dense = cx + cy * res1 + cz * res1 * res1
+        row = tl.where(hashed != 0, h, dense) + offset
+        return row.to(tl.int64), wx * wy * wz
+
+    @triton.jit
+    def _unit(ptr, idx, m, axis: tl.constexpr, bound):
+        # The same operations, in the same order, as hashgrid.encode: fine levels magnify rounding.
+        u = (tl.load(ptr + idx * 3 + axis, mask=m, other=0.0) / bound) * 0.5 + 0.5
+        u = tl.where(u == u, u, 0.0)  # NaN -> 0
+        return tl.minimum(tl.maximum(u, 0.0), 1.0)
+
+    @triton.jit
+    def _forward(x_ptr, table_ptr, out_ptr, res_f_ptr, res_max_ptr, res1_ptr, off_ptr, hashed_ptr, n, bound, mask,
+                 LF: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+        level = tl.program_id(1)
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = idx < n
+        px, py, pz = _unit(x_ptr, idx, m, 0, bound), _unit(x_ptr, idx, m, 1, bound), _unit(x_ptr, idx, m, 2, bound)
+        res_f, res_max = tl.load(res_f_ptr + level), tl.load(res_max_ptr + level)
+        res1, offset, hashed = tl.load(res1_ptr + level), tl.load(off_ptr + level), tl.load(hashed_ptr + level)
+        for f in tl.static_range(F):
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            for corner in tl.static_range(8):
+                row, w = _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner)
+                acc += w * tl.load(table_ptr + row * F + f, mask=m, other=0.0)
+            tl.store(out_ptr + idx * LF + level * F + f, acc, mask=m)
+
+    @triton.jit
+    def _backward(x_ptr, grad_ptr, dtable_ptr, res_f_ptr, res_max_ptr, res1_ptr, off_ptr, hashed_ptr, n, bound, mask,
+                  LF: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+        level = tl.program_id(1)
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = idx < n
+        px, py, pz = _unit(x_ptr, idx, m, 0, bound), _unit(x_ptr, idx, m, 1, bound), _unit(x_ptr, idx, m, 2, bound)
+        res_f, res_max = tl.load(res_f_ptr + level), tl.load(res_max_ptr + level)
+        res1, offset, hashed = tl.load(res1_ptr + level), tl.load(off_ptr + level), tl.load(hashed_ptr + level)
+        for f in tl.static_range(F):
+            g = tl.load(grad_ptr + idx * LF + level * F + f, mask=m, other=0.0)
+            for corner in tl.static_range(8):
+                row, w = _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner)
+                tl.atomic_add(dtable_ptr + row * F + f, w * g, mask=m, sem="relaxed")
+
+
+def _launch(kernel, x, data, target, enc) -> None:
+    levels, feats = enc.res_f.shape[0], enc.table.shape[1]
+    grid = ((x.shape[0] + BLOCK - 1) // BLOCK, levels)
+    kernel[grid](x, data, target, enc.res_f, enc.res_max, enc.res1, enc.offsets, enc.hashed, x.shape[0],
+                 float(enc.bound), 2**enc.cfg.log2_table - 1, LF=levels * feats, F=feats,
+                 BLOCK=BLOCK, enable_fp_fusion=False)  # no fused multiply-adds: the PyTorch path rounds each op
+
+
+class TritonEncode(torch.autograd.Function):
+    """features [N, L * F] from points [N, 3] (float32, CUDA); gradient for the table only."""
+
+    @staticmethod
+    def forward(ctx, x, table, enc):
+        x, table = x.contiguous(), table.contiguous()
+        out = x.new_empty(x.shape[0], enc.out_dim)
+        if x.shape[0]:
+            _launch(_forward, x, table, out, enc)
+        ctx.save_for_backward(x)
+        ctx.enc = enc
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        enc = ctx.enc
+        dtable = torch.zeros_like(enc.table)
+        if x.shape[0]:
+            _launch(_backward, x, grad.contiguous(), dtable, enc)
+        return None, dtable, None
+
+
+def triton_encode(x: torch.Tensor, enc) -> torch.Tensor:
+    """The encoding of points x [N, 3] by HashGridEncoding `enc`, through the Triton kernels."""
+    return TritonEncode.apply(x, enc.table, enc)

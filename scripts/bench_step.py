@@ -110,26 +110,29 @@ def sd_shaped_guidance(device, dtype):
     return DiffusionGuidance.from_components(unet, text, tokenizer, scheduler, vae, device, dtype, name="sd-shaped")
 
 
-def nerf_step(stage: NeRFStage, clock: Clock) -> tuple:
-    """One NeRF-stage step, as NeRFStage.step takes it, each part timed on `clock`."""
-    guidance = stage.guidance
+def timed_step(stage, nerf: NeRFStage, clock: Clock) -> tuple:
+    """One step of `stage` (the NeRF stage `nerf` itself, or a MeshStage built from it) as its step()
+    takes it, loss terms included, each part timed on `clock`. The prompt's embeddings live on `nerf`."""
+    guidance = nerf.guidance
     with clock("step"):
         with clock("render"):
             out, cams = stage.render_train()
         with clock("encode"):
             x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-        cond = stage.text_for(cams)
+        cond = nerf.text_for(cams)
         t, noise = stage.draw_noise(x)
         with clock("guidance"):
-            grad, _ = stage.distiller.gradient(x, out, cams, cond, stage.uncond, t, noise, generator=stage.generator)
+            grad, _ = stage.distiller.gradient(x, out, cams, cond, nerf.uncond, t, noise, generator=nerf.generator)
         with clock("backward"):
-            injected_loss(x.float(), grad).backward()
+            reg = nerf.regularizers(out, cams) if stage is nerf else stage.regularizer()
+            (injected_loss(x.float(), grad) + reg).backward()
         with clock("optimizer"):
             stage.optimizer.step()
             stage.optimizer.zero_grad(set_to_none=True)
-        with clock("occupancy"):  # as NeRFStage.step does (every update_every steps)
-            stage.update_occupancy()
-            stage.step_index += 1
+        if stage is nerf:
+            with clock("occupancy"):  # as NeRFStage.step does (every update_every steps)
+                stage.update_occupancy()
+        stage.step_index += 1
     return out, cams, x, cond, t, noise
 
 
@@ -140,7 +143,7 @@ def profile_steps(stage: NeRFStage, path: str, steps: int = 4) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if stage.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            nerf_step(stage, Clock(stage.device))
+            timed_step(stage, stage, Clock(stage.device))
         sync(stage.device)
     key = "self_cuda_time_total" if stage.device.type == "cuda" else "self_cpu_time_total"
     atomic_write(path, f"{steps} NeRF-stage steps\n" + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
@@ -165,7 +168,7 @@ def bench_engine(engine: str, args, device) -> dict:
     modes = []
     clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
-        out, cams, x, cond, t, noise = nerf_step(stage, clock)
+        out, cams, x, cond, t, noise = timed_step(stage, stage, clock)
         modes.append("normal" in out)
         # The parts of the guidance call, each measured alone on the same inputs.
         with torch.no_grad():
@@ -185,7 +188,7 @@ def bench_engine(engine: str, args, device) -> dict:
         if times:
             by_mode[name] = {"steps": len(times), "step_seconds": statistics.median(times)}
     enc = stage.field.encoding
-    backends = {"hashgrid": "tcnn" if not hasattr(enc, "kernel") else ("torch.compile" if enc.kernel == "torch" and cfg.field.grid.compile else enc.kernel),
+    backends = {"hashgrid": "torch.compile" if enc.kernel == "torch" and cfg.field.grid.compile else enc.kernel,
                 "volume": volume_backend(device, cfg.render.backend),
                 "occupancy": "off" if stage.field.occupancy is None else ("cpu" if stage.field.occupancy.native and device.type == "cpu" else "torch")}
     result = {"stage": "nerf", **timings(clock, args.warmup), "by_shading": by_mode, "peak_memory_mib": peak_mib(device), "backends": backends,
@@ -200,24 +203,10 @@ def bench_engine(engine: str, args, device) -> dict:
 def bench_mesh(nerf: NeRFStage, args, device) -> dict:
     """The mesh stage's step, timed in the same parts as MeshStage.step (from the NeRF as it is)."""
     stage = MeshStage(nerf)
-    cfg, guidance, gen = nerf.cfg, nerf.guidance, nerf.generator
+    cfg, guidance = nerf.cfg, nerf.guidance
     clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
-        with clock("step"):
-            with clock("render"):
-                out, cams = stage.render_train()
-            with clock("encode"):
-                x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-            cond = nerf.text_for(cams)
-            t, noise = stage.draw_noise(x)
-            with clock("guidance"):
-                grad, _ = stage.distiller.gradient(x, out, cams, cond, nerf.uncond, t, noise, generator=gen)
-            with clock("backward"):
-                (injected_loss(x.float(), grad) + stage.regularizer()).backward()
-            with clock("optimizer"):
-                stage.optimizer.step()
-                stage.optimizer.zero_grad(set_to_none=True)
-                stage.step_index += 1
+        out, cams, x, cond, t, noise = timed_step(stage, nerf, clock)
         with torch.no_grad():
             x_t = guidance.add_noise(x.detach().float(), noise, t)
             with clock("unet_cfg"):

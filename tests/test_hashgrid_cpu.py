@@ -3,38 +3,16 @@ PyTorch encoding it replaces, the same at any thread count, normals routed to th
 a clean fall-back (for the occupancy kernel too) where no C compiler builds it."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from steindreamer.backends import hashgrid_backend
 from steindreamer.field import hashgrid_cpu
-from steindreamer.field.hashgrid import HashGridConfig, HashGridEncoding, make_hashgrid
+from steindreamer.field.hashgrid import HashGridConfig, make_hashgrid
+
+from hashgrids import CFG, pair, points
 
 needs_kernel = pytest.mark.skipif(hashgrid_cpu.library() is None, reason="no C compiler builds the fused hash grid here")
-
-# Dense levels, hashed levels and one at 2048 (products that wrap 32 bits); 3 features per level
-# (the kernel's general loop; 2 has its own).
-CFG = HashGridConfig(levels=5, features=3, log2_table=12, base_res=3, max_res=2048)
-
-
-def pair(bound: float = 0.8, features: int = 3) -> tuple[HashGridEncoding, HashGridEncoding]:
-    """A PyTorch encoding and a fused one with the same random table."""
-    cfg = dataclasses.replace(CFG, features=features)
-    torch_path, fused = HashGridEncoding(cfg, bound), HashGridEncoding(cfg, bound, kernel="cpu")
-    with torch.no_grad():
-        torch_path.table.copy_(torch.randn(torch_path.table.shape, generator=torch.Generator().manual_seed(1)))
-        fused.table.copy_(torch_path.table)
-    return torch_path, fused
-
-
-def points(n: int, seed: int = 0) -> torch.Tensor:
-    """Random points in and beyond the grid's cube (outside it the encoding clamps), plus its corners."""
-    g = torch.Generator().manual_seed(seed)
-    corners = torch.tensor([[0.8, 0.8, 0.8], [-0.8, -0.8, -0.8], [0.8, -0.8, 0.0]])
-    return torch.cat([torch.rand(n, 3, generator=g) * 2.0 - 1.0, corners])
-
 
 @needs_kernel
 @pytest.mark.parametrize("features", [2, 3])
@@ -54,6 +32,8 @@ def test_fused_kernel_matches_the_torch_encoding_and_its_table_gradient(features
     # The function behind it is the one autograd runs: not the PyTorch path in disguise.
     fn = fused(x).grad_fn
     assert "FusedEncodeBackward" in [type(f).__name__ for f in (fn, *(g for g, _ in fn.next_functions))]
+    node = next(f for f in (fn, *(g for g, _ in fn.next_functions)) if type(f).__name__ == "FusedEncodeBackward")
+    assert node.kernel is hashgrid_cpu
 
 
 @needs_kernel

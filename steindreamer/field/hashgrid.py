@@ -3,11 +3,13 @@ CUDA backend behind the same interface (picked in `steindreamer.backends`)."""
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..backends import hashgrid_backend
 
@@ -35,6 +37,9 @@ def level_resolutions(cfg: HashGridConfig) -> list[int]:
         return [cfg.base_res]
     growth = math.exp((math.log(cfg.max_res) - math.log(cfg.base_res)) / (cfg.levels - 1))
     return [int(math.floor(cfg.base_res * growth**level + 1e-6)) for level in range(cfg.levels)]  # 1e-6: exact powers stay exact
+
+
+_KERNEL_DEVICE = {"cpu": "cpu", "triton": "cuda"}  # a fused kernel and the device its points live on
 
 
 class HashGridEncoding(nn.Module):
@@ -77,15 +82,10 @@ class HashGridEncoding(nn.Module):
         # The C kernel and compiled graphs differentiate once, and only for the table; normals
         # differentiate through the points twice: they take the eager path.
         point_grad = torch.is_grad_enabled() and x.requires_grad
-        if self.kernel != "torch" and not point_grad and x.dtype == self.table.dtype == torch.float32:
-            if self.kernel == "cpu" and x.device.type == "cpu":
-                from .hashgrid_cpu import fused_encode
-
-                return fused_encode(x.reshape(-1, 3), self).reshape(*shape, self.out_dim)
-            if self.kernel == "triton" and x.device.type == "cuda":
-                from .hashgrid_triton import triton_encode
-
-                return triton_encode(x.reshape(-1, 3), self).reshape(*shape, self.out_dim)
+        if not point_grad and _KERNEL_DEVICE.get(self.kernel) == x.device.type and x.dtype == self.table.dtype == torch.float32:
+            # The kernel's module is named after it: hashgrid_cpu, hashgrid_triton (imported on first use).
+            module = importlib.import_module(f".hashgrid_{self.kernel}", __package__)
+            return FusedEncode.apply(x.reshape(-1, 3), self.table, self, module).reshape(*shape, self.out_dim)
         eager = not self.cfg.compile or point_grad
         args = (x.reshape(-1, 3), self.table, self.res_f, self.res_max, self.res1, self.offsets, self.hashed)
         scalars = (self.bound, self.cfg.log2_table, self.cfg.features)
@@ -129,6 +129,31 @@ def _compiled_encode(bound: float, log2_table: int, features: int):
     return torch.compile(lambda *tensors: encode(*tensors, bound, log2_table, features))
 
 
+class FusedEncode(torch.autograd.Function):
+    """features [N, L * F] from float32 points [N, 3] through a fused kernel: `kernel` is the module
+    (hashgrid_cpu, hashgrid_triton) whose forward(x, table, out, enc) and backward(x, grad, dtable,
+    enc) fill `out` and `dtable`. Gradient for the table only: sample points are held fixed."""
+
+    @staticmethod
+    def forward(ctx, x, table, enc, kernel):
+        x, table = x.contiguous(), table.contiguous()
+        out = x.new_empty(x.shape[0], enc.out_dim)
+        if x.shape[0]:
+            kernel.forward(x, table, out, enc)
+        ctx.save_for_backward(x)
+        ctx.enc, ctx.kernel = enc, kernel
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        dtable = torch.zeros_like(ctx.enc.table)
+        if x.shape[0]:
+            ctx.kernel.backward(x, grad.contiguous(), dtable, ctx.enc)
+        return None, dtable, None, None
+
+
 class _Gather(torch.autograd.Function):
     """values[index] for 1-D values; its backward is _Scatter and vice versa, so any order of
     derivative works (normals need two). A 1-D scatter_add is ~1.6x faster on CPU than the index_add
@@ -167,6 +192,8 @@ def gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 class TcnnHashGridEncoding(nn.Module):
     """tinycudann's fused HashGrid with the same config and interface (CUDA only)."""
+
+    kernel = "tcnn"  # what serves the encoding, as HashGridEncoding.kernel says it
 
     def __init__(self, cfg: HashGridConfig, bound: float = 1.0):
         super().__init__()

@@ -18,7 +18,6 @@ import ctypes
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import native
 
@@ -144,28 +143,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-class FusedEncode(torch.autograd.Function):
-    """features [N, L * F] from points [N, 3] (float32, CPU); gradient for the table only."""
+def forward(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor, enc) -> None:
+    """out [N, L * F] = the encoding of points x [N, 3] by HashGridEncoding `enc` with `table`
+    (float32, contiguous; called by hashgrid.FusedEncode)."""
+    library().hg_forward(x.data_ptr(), x.shape[0], table.data_ptr(), table.shape[1], enc.res_f.shape[0], *_constants(enc), out.data_ptr())
 
-    @staticmethod
-    def forward(ctx, x, table, enc):
-        x, table = x.contiguous(), table.contiguous()
-        levels, feats = enc.res_f.shape[0], table.shape[1]
-        out = x.new_empty(x.shape[0], levels * feats)
-        library().hg_forward(x.data_ptr(), x.shape[0], table.data_ptr(), feats, levels, *_constants(enc), out.data_ptr())
-        ctx.save_for_backward(x)
-        ctx.enc = enc
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        enc, grad = ctx.enc, grad.contiguous()
-        levels, feats = enc.res_f.shape[0], enc.table.shape[1]
-        dtable = grad.new_zeros(enc.table.shape)
-        library().hg_backward(x.data_ptr(), x.shape[0], grad.data_ptr(), feats, levels, *_constants(enc), dtable.data_ptr())
-        return None, dtable, None
+def backward(x: torch.Tensor, grad: torch.Tensor, dtable: torch.Tensor, enc) -> None:
+    """dtable += the table gradient of grad [N, L * F] at points x."""
+    library().hg_backward(x.data_ptr(), x.shape[0], grad.data_ptr(), dtable.shape[1], enc.res_f.shape[0], *_constants(enc), dtable.data_ptr())
 
 
 def _constants(enc) -> tuple:
@@ -173,8 +159,3 @@ def _constants(enc) -> tuple:
     # torch.bool is stored as one byte, 0 or 1: the C side reads it as uint8.
     return (enc.res_f.data_ptr(), enc.res_max.data_ptr(), enc.res1.data_ptr(), enc.offsets.data_ptr(), enc.hashed.data_ptr(),
             2**enc.cfg.log2_table - 1, float(enc.bound))
-
-
-def fused_encode(x: torch.Tensor, enc) -> torch.Tensor:
-    """The encoding of points x [N, 3] by HashGridEncoding `enc`, through the C kernel."""
-    return FusedEncode.apply(x, enc.table, enc)

@@ -11,9 +11,6 @@ with atomic adds, so its sums are not bit-reproducible run to run (as tinycudann
 """
 from __future__ import annotations
 
-import torch
-from torch.autograd.function import once_differentiable
-
 from .hashgrid import _PRIMES32
 
 BLOCK = 256  # points per program
@@ -26,10 +23,6 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 
 # _PRIMES32 written out: Triton kernels take integer literals, not Python globals.
 assert _PRIMES32 == (1, -1640531535, 805459861)
-
-
-def available() -> bool:
-    return triton is not None
 
 
 if triton is not None:
@@ -103,30 +96,12 @@ def _launch(kernel, x, data, target, enc) -> None:
                  BLOCK=BLOCK, enable_fp_fusion=False)  # no fused multiply-adds: the PyTorch path rounds each op
 
 
-class TritonEncode(torch.autograd.Function):
-    """features [N, L * F] from points [N, 3] (float32, CUDA); gradient for the table only."""
-
-    @staticmethod
-    def forward(ctx, x, table, enc):
-        x, table = x.contiguous(), table.contiguous()
-        out = x.new_empty(x.shape[0], enc.out_dim)
-        if x.shape[0]:
-            _launch(_forward, x, table, out, enc)
-        ctx.save_for_backward(x)
-        ctx.enc = enc
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        enc = ctx.enc
-        dtable = torch.zeros_like(enc.table)
-        if x.shape[0]:
-            _launch(_backward, x, grad.contiguous(), dtable, enc)
-        return None, dtable, None
+def forward(x, table, out, enc) -> None:
+    """out [N, L * F] = the encoding of points x [N, 3] by HashGridEncoding `enc` with `table`
+    (float32, contiguous, CUDA; called by hashgrid.FusedEncode)."""
+    _launch(_forward, x, table, out, enc)
 
 
-def triton_encode(x: torch.Tensor, enc) -> torch.Tensor:
-    """The encoding of points x [N, 3] by HashGridEncoding `enc`, through the Triton kernels."""
-    return TritonEncode.apply(x, enc.table, enc)
+def backward(x, grad, dtable, enc) -> None:
+    """dtable += the table gradient of grad [N, L * F] at points x (atomic adds)."""
+    _launch(_backward, x, grad, dtable, enc)

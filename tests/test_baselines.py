@@ -135,3 +135,45 @@ def test_estimator_normalisation_and_resize(dpt):
     finally:
         hook.remove()
     assert not any(p.requires_grad for p in dpt.parameters())
+
+
+def test_traced_estimator_matches_eager(dpt):
+    """The traced critic (CPU default) gives the eager model's phi and d phi / d x_t, traced once per
+    input shape: after its first call at a shape the Python model no longer runs."""
+    calls = []
+    hook = dpt.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        eager, traced = transformers_depth_estimator(dpt), transformers_depth_estimator(dpt, trace=True)
+        disp, op = nerf_maps()
+        gen = torch.Generator().manual_seed(1)
+        for b, python_calls in ((2, 2), (1, 2), (2, 0)):  # a new shape: the trace and its check
+            x_t = torch.randn(b, 3, 48, 48, generator=gen, dtype=torch.float64)
+            phi_e, grad_e = depth_baseline(x_t, disp[:b], op[:b], eager)
+            n = len(calls)
+            phi_t, grad_t = depth_baseline(x_t, disp[:b], op[:b], traced)
+            assert torch.allclose(phi_t, phi_e, rtol=0, atol=1e-12)
+            assert torch.allclose(grad_t, grad_e, rtol=1e-9, atol=1e-15) and grad_e.abs().sum() > 0
+            assert len(calls) - n == python_calls
+    finally:
+        hook.remove()
+
+
+def test_untraceable_estimator_runs_eagerly(dpt, caplog):
+    """A model the tracer cannot follow still works, through the eager model, with one warning."""
+    class Refuses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = dpt, dpt.config
+
+        def forward(self, pixel_values):
+            if torch.jit.is_tracing():
+                raise RuntimeError("data-dependent control flow")
+            return self.inner(pixel_values=pixel_values)
+
+    x_t = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    disp, op = nerf_maps(1)
+    with caplog.at_level("WARNING"):
+        phi, grad = depth_baseline(x_t, disp, op, transformers_depth_estimator(Refuses(), trace=True))
+    ref_phi, ref_grad = depth_baseline(x_t, disp, op, transformers_depth_estimator(dpt))
+    assert torch.equal(phi, ref_phi) and torch.equal(grad, ref_grad)
+    assert [r.message for r in caplog.records] == ["depth model runs eagerly (could not trace it: data-dependent control flow)"]

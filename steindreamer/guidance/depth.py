@@ -27,4 +27,5 @@ def load_depth_estimator(name: str, device: torch.device, dtype: torch.dtype = t
     except Exception:  # noqa: BLE001 - a folder without a processor config uses the model's defaults
         processor = None
     metric = getattr(model.config, "model_type", "") in _METRIC
-    return transformers_depth_estimator(model, processor, predicts_depth=metric)
+    # Traced on CPU only, where it was measured to pay (per-op overhead); GPU runs stay eager.
+    return transformers_depth_estimator(model, processor, predicts_depth=metric, trace=device.type == "cpu")

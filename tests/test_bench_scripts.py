@@ -59,7 +59,9 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
         mesh = e["mesh_stage"]  # the mesh stage, from the NeRF stage's field
         assert mesh["stage"] == "mesh" and mesh["faces"] > 0
         assert mesh["step_seconds"] > mesh["unet_cfg_seconds"] > 0 and {"render", "backward", "unet_cfg"} <= set(mesh["breakdown"])
-    assert res["step_time_ratio_ssd_sds"] > 0
+    assert res["step_time_ratio_ssd_sds"] == pytest.approx(res["engines"]["ssd"]["step_seconds"] / res["engines"]["sds"]["step_seconds"])
+    assert res["step_time_ratio_ssd_sds_paired"] == pytest.approx(
+        res["engines"]["ssd"]["step_over_unet_paired"] / res["engines"]["sds"]["step_over_unet_paired"])
     assert res["engines"]["sds"]["backends"]["hashgrid"] in ("cpu", "torch")  # what served the field
     for engine in ("sds", "ssd"):  # the profiler's table of the same step
         table = (tmp_path / f"profile.{engine}.txt").read_text()

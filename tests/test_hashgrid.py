@@ -20,6 +20,20 @@ def test_output_shape_and_gradients_reach_table():
     assert level_resolutions(cfg) == [4, 8, 16, 32]
 
 
+def test_non_finite_points_read_the_grid_corner_on_the_torch_path():
+    """NaN reads the low corner and +-inf the clamped face, as in the fused kernels; with gradients on
+    (the normals' path) too, where a NaN once became a negative index (IndexError)."""
+    cfg = HashGridConfig(levels=4, features=2, log2_table=10, base_res=4, max_res=64)
+    grid = HashGridEncoding(cfg, bound=0.8)
+    bad = torch.tensor([[float("nan"), 0.1, 0.2], [float("inf"), -float("inf"), 0.0]], requires_grad=True)
+    out = grid(bad)
+    with torch.no_grad():
+        clamped = grid(torch.tensor([[-0.8, 0.1, 0.2], [0.8, -0.8, 0.0]]))
+    assert torch.isfinite(out).all() and torch.equal(out.detach(), clamped)
+    (gx,) = torch.autograd.grad(out.sum(), bad)
+    assert torch.isfinite(gx).all()
+
+
 def test_interpolation_is_trilinear_between_vertices():
     cfg = HashGridConfig(levels=1, features=1, log2_table=12, base_res=4, max_res=4)
     grid = HashGridEncoding(cfg, bound=1.0)

@@ -99,7 +99,9 @@ def encode(x, table, res_f, res_max, res1, offsets, hashed, bound: float, log2_t
     # Sample-last layout ([axis or corner, level, N]): every broadcast below runs over outer
     # dimensions with N contiguous inside, which PyTorch's CPU kernels vectorise; with N first
     # and 2-wide inner dimensions the same ops ran ~50x slower (measured).
-    u = ((x / bound) * 0.5 + 0.5).clamp(0.0, 1.0).t()  # [3, N] in [0, 1]
+    # NaN -> 0, +-inf -> the clamp, as the fused kernels do: a NaN point (a diverged field's surface
+    # point) must not become a negative index.
+    u = ((x / bound) * 0.5 + 0.5).nan_to_num(0.0).clamp(0.0, 1.0).t()  # [3, N] in [0, 1]
     pos = u[:, None, :] * res_f.to(u.dtype)  # [3, L, N]
     # int32 indices: half the memory of int64. Products wrap modulo 2^32 exactly like Instant-NGP's
     # uint32 hash (the primes are stored as their int32 bit patterns), and the table sizes are powers of 2.

@@ -1,5 +1,5 @@
 """The hash-grid encoding fused for CUDA GPUs in Triton: `hashgrid.encode`'s forward and its table
-gradient as one kernel each, the GPU counterpart of `hashgrid_cpu`. The PyTorch path materialises
+gradient in one kernel (a compile-time switch picks which), the GPU counterpart of `hashgrid_cpu`. The PyTorch path materialises
 [8 corners, L levels, N] index and weight tensors (at a 512x512 render, millions of samples, tens of
 GiB of traffic); here a program takes a block of points at one level and keeps its 8 corners in
 registers. Programs of one level run together, so that level's table stays in L2.
@@ -57,8 +57,10 @@ if triton is not None:
         return tl.minimum(tl.maximum(u, 0.0), 1.0)
 
     @triton.jit
-    def _forward(x_ptr, table_ptr, out_ptr, res_f_ptr, res_max_ptr, res1_ptr, off_ptr, hashed_ptr, n, bound, mask,
-                 LF: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+    def _kernel(x_ptr, data_ptr, target_ptr, res_f_ptr, res_max_ptr, res1_ptr, off_ptr, hashed_ptr, n, bound, mask,
+                LF: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
+        """Forward (data: table, target: out [N, L*F]) or table gradient (data: grad [N, L*F],
+        target: dtable, atomic adds) of BLOCK points at level program_id(1)."""
         level = tl.program_id(1)
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = idx < n
@@ -66,42 +68,33 @@ if triton is not None:
         res_f, res_max = tl.load(res_f_ptr + level), tl.load(res_max_ptr + level)
         res1, offset, hashed = tl.load(res1_ptr + level), tl.load(off_ptr + level), tl.load(hashed_ptr + level)
         for f in tl.static_range(F):
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for corner in tl.static_range(8):
-                row, w = _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner)
-                acc += w * tl.load(table_ptr + row * F + f, mask=m, other=0.0)
-            tl.store(out_ptr + idx * LF + level * F + f, acc, mask=m)
-
-    @triton.jit
-    def _backward(x_ptr, grad_ptr, dtable_ptr, res_f_ptr, res_max_ptr, res1_ptr, off_ptr, hashed_ptr, n, bound, mask,
-                  LF: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
-        level = tl.program_id(1)
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = idx < n
-        px, py, pz = _unit(x_ptr, idx, m, 0, bound), _unit(x_ptr, idx, m, 1, bound), _unit(x_ptr, idx, m, 2, bound)
-        res_f, res_max = tl.load(res_f_ptr + level), tl.load(res_max_ptr + level)
-        res1, offset, hashed = tl.load(res1_ptr + level), tl.load(off_ptr + level), tl.load(hashed_ptr + level)
-        for f in tl.static_range(F):
-            g = tl.load(grad_ptr + idx * LF + level * F + f, mask=m, other=0.0)
-            for corner in tl.static_range(8):
-                row, w = _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner)
-                tl.atomic_add(dtable_ptr + row * F + f, w * g, mask=m, sem="relaxed")
+            if BACKWARD:
+                g = tl.load(data_ptr + idx * LF + level * F + f, mask=m, other=0.0)
+                for corner in tl.static_range(8):
+                    row, w = _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner)
+                    tl.atomic_add(target_ptr + row * F + f, w * g, mask=m, sem="relaxed")
+            else:
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for corner in tl.static_range(8):
+                    row, w = _corner(px, py, pz, res_f, res_max, res1, offset, hashed, mask, corner)
+                    acc += w * tl.load(data_ptr + row * F + f, mask=m, other=0.0)
+                tl.store(target_ptr + idx * LF + level * F + f, acc, mask=m)
 
 
-def _launch(kernel, x, data, target, enc) -> None:
+def _launch(x, data, target, enc, backward: bool) -> None:
     levels, feats = enc.res_f.shape[0], enc.table.shape[1]
     grid = ((x.shape[0] + BLOCK - 1) // BLOCK, levels)
-    kernel[grid](x, data, target, enc.res_f, enc.res_max, enc.res1, enc.offsets, enc.hashed, x.shape[0],
-                 float(enc.bound), 2**enc.cfg.log2_table - 1, LF=levels * feats, F=feats,
-                 BLOCK=BLOCK, enable_fp_fusion=False)  # no fused multiply-adds: the PyTorch path rounds each op
+    _kernel[grid](x, data, target, enc.res_f, enc.res_max, enc.res1, enc.offsets, enc.hashed, x.shape[0],
+                  float(enc.bound), 2**enc.cfg.log2_table - 1, LF=levels * feats, F=feats, BLOCK=BLOCK,
+                  BACKWARD=backward, enable_fp_fusion=False)  # no fused multiply-adds: the PyTorch path rounds each op
 
 
 def forward(x, table, out, enc) -> None:
     """out [N, L * F] = the encoding of points x [N, 3] by HashGridEncoding `enc` with `table`
     (float32, contiguous, CUDA; called by hashgrid.FusedEncode)."""
-    _launch(_forward, x, table, out, enc)
+    _launch(x, table, out, enc, backward=False)
 
 
 def backward(x, grad, dtable, enc) -> None:
     """dtable += the table gradient of grad [N, L * F] at points x (atomic adds)."""
-    _launch(_backward, x, grad, dtable, enc)
+    _launch(x, grad, dtable, enc, backward=True)

@@ -1,7 +1,7 @@
 """The hash-grid encoding fused for CUDA GPUs in Triton: `hashgrid.encode`'s forward and its table
-gradient in one kernel (a compile-time switch picks which), the GPU counterpart of `hashgrid_cpu`. The PyTorch path materialises
-[8 corners, L levels, N] index and weight tensors (at a 512x512 render, millions of samples, tens of
-GiB of traffic); here a program takes a block of points at one level and keeps its 8 corners in
+gradient in one kernel (a compile-time switch picks which), the GPU counterpart of `hashgrid_cpu`.
+The PyTorch path materialises [8 corners, L levels, N] index and weight tensors (at a 512x512
+render, millions of samples, tens of GiB of traffic); here a program takes a block of points at one level and keeps its 8 corners in
 registers. Programs of one level run together, so that level's table stays in L2.
 
 Used where Triton imports and tinycudann does not (picked in `steindreamer.backends`). Only the
@@ -59,8 +59,8 @@ if triton is not None:
     @triton.jit
     def _kernel(x_ptr, data_ptr, target_ptr, res_f_ptr, res_max_ptr, res1_ptr, off_ptr, hashed_ptr, n, bound, mask,
                 LF: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, BACKWARD: tl.constexpr):
-        """Forward (data: table, target: out [N, L*F]) or table gradient (data: grad [N, L*F],
-        target: dtable, atomic adds) of BLOCK points at level program_id(1)."""
+        # Forward (data: table, target: out [N, L*F]) or table gradient (data: grad [N, L*F],
+        # target: dtable, atomic adds) of BLOCK points at level program_id(1).
         level = tl.program_id(1)
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = idx < n

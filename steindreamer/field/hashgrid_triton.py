@@ -1,8 +1,9 @@
 """The hash-grid encoding fused for CUDA GPUs in Triton: `hashgrid.encode`'s forward and its table
 gradient in one kernel (a compile-time switch picks which), the GPU counterpart of `hashgrid_cpu`.
 The PyTorch path materialises [8 corners, L levels, N] index and weight tensors (at a 512x512
-render, millions of samples, tens of GiB of traffic); here a program takes a block of points at one level and keeps its 8 corners in
-registers. Programs of one level run together, so that level's table stays in L2.
+render, millions of samples, tens of GiB of traffic); here a program takes a block of points at one
+level and keeps its 8 corners in registers. Programs of one level run together, so that level's
+table stays in L2.
 
 Used where Triton imports and tinycudann does not (picked in `steindreamer.backends`). Only the
 table gets a gradient: rendering holds sample points fixed; normals differentiate through the points

@@ -28,3 +28,21 @@ def points(n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     corners = torch.tensor([[0.8, 0.8, 0.8], [-0.8, -0.8, -0.8], [0.8, -0.8, 0.0]])
     return torch.cat([torch.rand(n, 3, generator=g) * 2.0 - 1.0, corners]).to(device)
+
+
+def encode_both(ref: HashGridEncoding, fused: HashGridEncoding, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encodings' features at x, each backpropagated with the same random gradient (so both
+    tables hold their .grad): the features of ref and of fused."""
+    grad = torch.randn(x.shape[0], ref.out_dim, generator=torch.Generator().manual_seed(2)).to(x.device)
+    outs = []
+    for enc in (ref, fused):
+        y = enc(x)
+        y.backward(grad)
+        outs.append(y.detach())
+    return outs[0], outs[1]
+
+
+def fused_node(enc: HashGridEncoding, x: torch.Tensor):
+    """The FusedEncodeBackward node autograd runs for enc(x), or None (the PyTorch path ran)."""
+    fn = enc(x).grad_fn
+    return next((f for f in (fn, *(g for g, _ in fn.next_functions)) if type(f).__name__ == "FusedEncodeBackward"), None)

@@ -174,10 +174,7 @@ def traced_depth_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:
     Each new trace is checked against the eager model on its example; a model that does not trace,
     or traces to something else (Python control flow on values), runs eagerly, with one warning."""
     wrapped = _DepthOutput(model).eval()
-    traced: dict = {}
-
-    def eager(x: torch.Tensor) -> torch.Tensor:
-        return wrapped(x)
+    traced: dict = {}  # (shape, dtype, device) -> the frozen trace, or `wrapped` itself (eager)
 
     def build(x: torch.Tensor):
         try:
@@ -189,9 +186,9 @@ def traced_depth_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:
                 raise ValueError(f"traced output differs from the model's by {float((got - ref).abs().max()):.3g}")
             return module
         except Exception as err:  # noqa: BLE001 - any model the tracer cannot follow runs eagerly
-            if not any(f is eager for f in traced.values()):
+            if not any(f is wrapped for f in traced.values()):  # warned once
                 log.warning("depth model runs eagerly (could not trace it: %s)", str(err).splitlines()[0] if str(err) else type(err).__name__)
-            return eager
+            return wrapped
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device)

@@ -32,25 +32,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steindreamer.config import load_config  # noqa: E402
+from steindreamer.guidance.config import ENGINES  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
 from steindreamer.guidance.variance import gradient_variance, induced_theta_grad  # noqa: E402
 from steindreamer.toy.check3d import evaluate_field  # noqa: E402
-from steindreamer.train import NeRFStage  # noqa: E402
-
-ENGINES = ("sds", "vsd", "ssd")
+from steindreamer.stages import Context, NeRFStage  # noqa: E402
 
 
 def make_stage(engine: str, args, extra=()) -> NeRFStage:
     cfg = load_config(args.preset, None, [f"engine={engine}", f"seed={args.seed}", "train.variance_every=0", *args.override, *extra])
     guidance = DiffusionGuidance(cfg.guidance.model, torch.device("cpu"), True, cfg.guidance.cache_dir)
-    return NeRFStage(args.prompt, cfg, guidance)
+    return NeRFStage(Context(args.prompt, cfg, guidance))
 
 
 def draw_g(stage: NeRFStage, update: bool):
+    ctx = stage.ctx
     out, cams = stage.render_train()
-    x = stage.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-    t, noise = stage.draw_noise(x)
-    grad, _ = stage.distiller.gradient(x, out, cams, stage.text_for(cams), stage.uncond, t, noise, update=update, generator=stage.generator)
+    x = ctx.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
+    t, noise = ctx.draw_noise(x, *stage.t_range())
+    grad, _ = ctx.distiller.gradient(x, out, cams, ctx.text_for(cams), ctx.uncond, t, noise, update=update, generator=ctx.generator)
     return x, grad
 
 

@@ -32,8 +32,7 @@ from steindreamer.config import load_config  # noqa: E402
 from steindreamer.fsio import atomic_write  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
 from steindreamer.guidance.engines import injected_loss  # noqa: E402
-from steindreamer.mesh_stage import MeshStage  # noqa: E402
-from steindreamer.train import NeRFStage  # noqa: E402
+from steindreamer.stages import Context, MeshStage, NeRFStage, Stage  # noqa: E402
 
 
 def sync(device):
@@ -110,28 +109,25 @@ def sd_shaped_guidance(device, dtype):
     return DiffusionGuidance.from_components(unet, text, tokenizer, scheduler, vae, device, dtype, name="sd-shaped")
 
 
-def timed_step(stage, nerf: NeRFStage, clock: Clock) -> tuple:
-    """One step of `stage` (the NeRF stage `nerf` itself, or a MeshStage built from it) as its step()
-    takes it, loss terms included, each part timed on `clock`. The prompt's embeddings live on `nerf`."""
-    guidance = nerf.guidance
+def timed_step(stage: Stage, clock: Clock) -> tuple:
+    """One step of `stage` as Stage.step takes it, loss terms included, each part timed on `clock`."""
+    ctx = stage.ctx
     with clock("step"):
         with clock("render"):
             out, cams = stage.render_train()
         with clock("encode"):
-            x = guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-        cond = nerf.text_for(cams)
-        t, noise = stage.draw_noise(x)
+            x = ctx.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
+        cond = ctx.text_for(cams)
+        t, noise = ctx.draw_noise(x, *stage.t_range())
         with clock("guidance"):
-            grad, _ = stage.distiller.gradient(x, out, cams, cond, nerf.uncond, t, noise, generator=nerf.generator)
+            grad, _ = ctx.distiller.gradient(x, out, cams, cond, ctx.uncond, t, noise, generator=ctx.generator)
         with clock("backward"):
-            reg = nerf.regularizers(out, cams) if stage is nerf else stage.regularizer()
-            (injected_loss(x.float(), grad) + reg).backward()
+            (injected_loss(x.float(), grad) + stage.regularizers(out, cams)).backward()
         with clock("optimizer"):
             stage.optimizer.step()
             stage.optimizer.zero_grad(set_to_none=True)
-        if stage is nerf:
-            with clock("occupancy"):  # as NeRFStage.step does (every update_every steps)
-                stage.update_occupancy()
+        with clock("after_update"):  # the NeRF's occupancy grid, every update_every steps
+            stage.after_update()
         stage.step_index += 1
     return out, cams, x, cond, t, noise
 
@@ -143,7 +139,7 @@ def profile_steps(stage: NeRFStage, path: str, steps: int = 4) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if stage.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            timed_step(stage, stage, Clock(stage.device))
+            timed_step(stage, Clock(stage.device))
         sync(stage.device)
     key = "self_cuda_time_total" if stage.device.type == "cuda" else "self_cpu_time_total"
     atomic_write(path, f"{steps} NeRF-stage steps\n" + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
@@ -155,32 +151,33 @@ def bench_engine(engine: str, args, device) -> dict:
         cfg = load_config("toy", None, overrides + [f"model={args.model}", f"depth_model={args.depth_model}"])
         guidance = DiffusionGuidance(args.model, device, True)
     else:
-        cfg = load_config("steindreamer", None, [f"resolution={args.resolution}", "guidance.baseline=constant" if args.no_depth else "guidance.baseline=depth"] + overrides)
+        cfg = load_config("steindreamer", None, [f"resolution={args.resolution}", "guidance.ssd.baseline=constant" if args.no_depth else "guidance.ssd.baseline=depth"] + overrides)
         guidance = sd_shaped_guidance(device, torch.float16 if device.type == "cuda" else torch.float32)
     if args.model == "sd-shaped" and engine == "ssd" and not args.no_depth:
-        cfg.guidance.depth_model = args.depth_model
-    stage = NeRFStage(args.prompt, cfg, guidance)
+        cfg.guidance.ssd.depth_model = args.depth_model
+    stage = NeRFStage(Context(args.prompt, cfg, guidance))
+    ctx = stage.ctx
     # Time steps past the albedo-only warm-up, so shaded steps (normals) come in the training mix, and
     # with the occupancy grid in the state a run has there (refreshed every update_every steps).
     stage.step_index = cfg.shading.albedo_steps
     if stage.field.occupancy is not None:
-        stage.field.occupancy.update(stage.field.density, stage.generator)
+        stage.field.occupancy.update(stage.field.density, ctx.generator)
     modes = []
     clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
-        out, cams, x, cond, t, noise = timed_step(stage, stage, clock)
+        out, cams, x, cond, t, noise = timed_step(stage, clock)
         modes.append("normal" in out)
         # The parts of the guidance call, each measured alone on the same inputs.
         with torch.no_grad():
             x_t = guidance.add_noise(x.detach().float(), noise, t)
             with clock("unet_cfg"):
-                guidance.predict_eps_cfg(x_t, t, cond, stage.uncond, cfg.guidance.guidance_scale)
-        if engine == "ssd" and stage.distiller.estimate is not None:
+                guidance.predict_eps_cfg(x_t, t, cond, ctx.uncond, cfg.guidance.guidance_scale)
+        if engine == "ssd" and ctx.distiller.estimate is not None:
             with clock("decode_depth_fwd_bwd"):
-                stage.distiller._control_variate(x_t, noise, t, out, cams)
+                ctx.distiller._control_variate(x_t, noise, t, out, cams)
         if engine == "vsd":
             with clock("lora_step"):
-                stage.distiller.lora.train_step(x.detach(), cond, cams.flat_pose().to(device, guidance.dtype), guidance.scheduler, stage.generator)
+                ctx.distiller.lora.train_step(x.detach(), cond, cams.flat_pose().to(device, guidance.dtype), guidance.schedule, ctx.generator)
     shaded = modes[args.warmup:]  # whether each timed step rendered normals (a shaded step)
     by_mode = {}
     for name, flag in (("shaded", True), ("albedo", False)):
@@ -202,15 +199,15 @@ def bench_engine(engine: str, args, device) -> dict:
 
 def bench_mesh(nerf: NeRFStage, args, device) -> dict:
     """The mesh stage's step, timed in the same parts as MeshStage.step (from the NeRF as it is)."""
-    stage = MeshStage(nerf)
-    cfg, guidance = nerf.cfg, nerf.guidance
+    stage = MeshStage(nerf.ctx, nerf.field)
+    cfg, guidance = nerf.cfg, nerf.ctx.guidance
     clock = fresh_clock(device)
     for i in range(args.warmup + args.steps):
-        out, cams, x, cond, t, noise = timed_step(stage, nerf, clock)
+        out, cams, x, cond, t, noise = timed_step(stage, clock)
         with torch.no_grad():
             x_t = guidance.add_noise(x.detach().float(), noise, t)
             with clock("unet_cfg"):
-                guidance.predict_eps_cfg(x_t, t, cond, nerf.uncond, cfg.guidance.guidance_scale)
+                guidance.predict_eps_cfg(x_t, t, cond, nerf.ctx.uncond, cfg.guidance.guidance_scale)
     return {"stage": "mesh", **timings(clock, args.warmup), "peak_memory_mib": peak_mib(device), "faces": int(stage.mesh.faces.shape[0]),
             "render": f"{cfg.mesh.resolution}x{cfg.mesh.resolution} raster"}
 

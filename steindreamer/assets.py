@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from .cameras import orbit_cameras
-from .config import Config, from_yaml_text
+from .config import Config
 from .errors import UserError
+from .export.extract import extract_field_surface
 from .export.pipeline import export_textured, turntable_frames
 from .export.video import save_contact_sheet, write_turntable
-from .field.nerf import Background, NeRFField
+from .field.nerf import AlbedoField
 from .render.volume import render_views
-from .train import RunPaths, load_checkpoint
+from .runfolder import RunFolder
 
 STEMS = {"glb": "model", "obj": "mesh", "ply": "mesh"}
 FORMATS = tuple(STEMS)
@@ -54,76 +55,39 @@ def _write_turntable(run_dir: Path, images: list) -> Path:
     return write_turntable(images, run_dir / "turntable.mp4")
 
 
-# --- loading a run folder ------------------------------------------------------------------------------
-def load_run_config(run_dir: Path) -> Config:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder not found: {run_dir}")
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise UserError(f"not a run folder (no config.yaml): {run_dir}")
-    return from_yaml_text(path.read_text())
-
-
-def load_nerf(run_dir: Path, cfg: Config, device="cpu"):
-    latest = RunPaths(Path(run_dir)).latest_checkpoint()
-    if latest is None:
-        raise UserError(f"no NeRF checkpoint in {Path(run_dir) / 'checkpoints'}")
-    state = load_checkpoint(latest, device)
-    field, background = NeRFField(cfg.field, device).to(device), Background(cfg.background).to(device)
-    field.load_state_dict(state["field"])
-    background.load_state_dict(state["background"])
-    return field.eval(), background.eval(), int(state["step"])
-
-
-def load_mesh(run_dir: Path, cfg: Config, device="cpu"):
-    """(vertices, faces, albedo module) of the newest mesh-stage checkpoint, or None."""
-    from .field.mesh import MeshField
-    from .mesh_stage import AlbedoField, mesh_checkpoints
-
-    found = mesh_checkpoints(run_dir)
-    if not found:
-        return None
-    state = load_checkpoint(found[-1], device)["mesh"]
-    texture = AlbedoField(NeRFField(cfg.field, device))
-    mesh = MeshField(state["base_vertices"].cpu(), state["faces"].cpu(), texture).to(device)
-    mesh.load_state_dict(state)
-    v, f = mesh.export_arrays()
-    return v, f, texture.eval()
-
-
-def surface_of(run_dir: Path, cfg: Config, stage: str = "auto", device="cpu"):
+# --- from a run folder ---------------------------------------------------------------------------------
+def surface_of(run: RunFolder, cfg: Config, stage: str = "auto", device="cpu"):
     """(vertices, faces, colour fn, which) from the mesh stage if it ran (or asked for), else
     extracted from the NeRF."""
-    from .mesh_stage import AlbedoField, extract_from_nerf
-
     if stage in ("auto", "mesh"):
-        found = load_mesh(run_dir, cfg, device)
+        found = run.load_mesh(cfg, device)
         if found is not None:
             return (*found, "mesh")
         if stage == "mesh":
-            raise UserError(f"no mesh-stage checkpoint in {Path(run_dir) / 'checkpoints'}")
-    field, _, _ = load_nerf(run_dir, cfg, device)
-    v, f, _ = extract_from_nerf(field, cfg)
+            raise UserError(f"no mesh-stage checkpoint in {run.checkpoints}")
+    field, _, _ = run.load_nerf(cfg, device)
+    v, f, _ = extract_field_surface(field, cfg.mesh)
     return v, f, AlbedoField(field), "nerf"
 
 
 def export_run(run_dir: Path, formats, stage: str = "auto") -> dict:
-    cfg = load_run_config(run_dir)
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
     t = time.perf_counter()
-    v, f, color, which = surface_of(run_dir, cfg, stage)
+    v, f, color, which = surface_of(run, cfg, stage)
     result = export_mesh(run_dir, v, f, color, cfg, formats)
     result["stage"], result["total_seconds"] = which, time.perf_counter() - t
     return result
 
 
 def render_run(run_dir: Path, stage: str = "auto", frames: int | None = None, size: int | None = None) -> Path:
-    cfg = load_run_config(run_dir)
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
     if stage in ("auto", "mesh"):
-        found = load_mesh(run_dir, cfg)
+        found = run.load_mesh(cfg)
         if found is not None:
             return turntable_from_mesh(run_dir, *found, cfg, frames, size)
         if stage == "mesh":
-            raise UserError(f"no mesh-stage checkpoint in {Path(run_dir) / 'checkpoints'}")
-    field, background, _ = load_nerf(run_dir, cfg)
+            raise UserError(f"no mesh-stage checkpoint in {run.checkpoints}")
+    field, background, _ = run.load_nerf(cfg)
     return turntable_from_nerf(run_dir, field, background, cfg, frames, size)

@@ -1,8 +1,13 @@
 """The one place that picks accelerated libraries. Every part has a pure-PyTorch path that runs on
-CPU and CUDA; tinycudann or a Triton kernel (hash grid), nerfacc (occupancy grid, packed volume rendering) and
-nvdiffrast (rasteriser) are optional CUDA backends, used only when importable and on CUDA. On CPU
-the hash grid and the occupancy lookup have C kernels (`steindreamer.native`), used where a C
-compiler builds them.
+CPU and CUDA; the optional CUDA backends, used only when importable and on CUDA, are tinycudann or a
+Triton kernel (hash grid), nerfacc (the volume renderer's weights from densities,
+`render_weight_from_density`; the occupancy grid and the packing of samples are ours, in
+`render/occupancy.py` and `render/volume.py`) and nvdiffrast (rasteriser). On CPU the hash grid and
+the occupancy lookup have C kernels (`steindreamer.native`), used where a C compiler builds them.
+
+A leaf module: it imports nothing from steindreamer. The modules holding a C kernel pass their
+loader (`cpu_kernel`: returns the built library, or None where it does not build), so the rule is
+here and the kernels stay with the code they serve.
 
 `STEINDREAMER_BACKEND=torch` forces the pure-PyTorch path everywhere (parity tests, debugging).
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import Callable
 
 import torch
 
@@ -42,19 +48,21 @@ def _pick(device: torch.device | str, library: str, requested: str = "auto") -> 
     return library if available else "torch"
 
 
-def _native(device, library) -> bool:
+CpuKernel = Callable[[], object]  # loads a C kernel: the library, or None where it does not build
+
+
+def _native(device, cpu_kernel: CpuKernel) -> bool:
     """Whether a C kernel (steindreamer.native) serves this device: CPU, not forced to PyTorch, and
-    `library()` built."""
-    return torch.device(device).type == "cpu" and not _forced_torch() and library() is not None
+    `cpu_kernel()` built (only called on CPU: no build is attempted for CUDA points)."""
+    return torch.device(device).type == "cpu" and not _forced_torch() and cpu_kernel() is not None
 
 
-def hashgrid_backend(device, requested: str = "auto") -> str:
+def hashgrid_backend(device, requested: str = "auto", *, cpu_kernel: CpuKernel) -> str:
     """'tcnn' or 'triton' (CUDA), 'cpu' (the fused C kernel, CPU) or 'torch'. On CUDA, 'auto' takes
-    tinycudann where it imports, else the Triton kernel (hashgrid_triton) where Triton imports."""
+    tinycudann where it imports, else the Triton kernel (hashgrid_triton) where Triton imports.
+    cpu_kernel: the fused kernel's loader (`field.hashgrid_cpu.library`)."""
     if torch.device(device).type == "cpu" and requested in ("auto", "cpu"):
-        from .field.hashgrid_cpu import library
-
-        if _native(device, library):
+        if _native(device, cpu_kernel):
             return "cpu"
         if requested == "cpu" and not _forced_torch():
             raise RuntimeError("backend 'cpu' requested but the hash grid's C kernel does not build here (no working C compiler)")
@@ -68,15 +76,14 @@ def hashgrid_backend(device, requested: str = "auto") -> str:
     return "torch"
 
 
-def occupancy_backend(device) -> str:
-    """'cpu' (the occupancy lookup's C loop, where a compiler builds it) or 'torch'."""
-    from .render.occupancy import library
-
-    return "cpu" if _native(device, library) else "torch"
+def occupancy_backend(device, *, cpu_kernel: CpuKernel) -> str:
+    """'cpu' (the occupancy lookup's C loop, where a compiler builds it) or 'torch'. cpu_kernel: its
+    loader (`render.occupancy.library`)."""
+    return "cpu" if _native(device, cpu_kernel) else "torch"
 
 
 def volume_backend(device, requested: str = "auto") -> str:
-    """'nerfacc' or 'torch'."""
+    """'nerfacc' (its render_weight_from_density computes the ray weights) or 'torch'."""
     return _pick(device, "nerfacc", requested)
 
 

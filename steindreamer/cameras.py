@@ -13,16 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import require
+
 
 @dataclass
 class CameraConfig:
-    distance: tuple[float, float] = (1.5, 2.0)
+    """Random training views: each [low, high] range is sampled uniformly per view."""
+
+    distance: tuple[float, float] = (1.5, 2.0)  # camera to origin (world units)
     fov: tuple[float, float] = (40.0, 70.0)  # vertical field of view, degrees
     elevation: tuple[float, float] = (-10.0, 45.0)  # degrees
     azimuth: tuple[float, float] = (-180.0, 180.0)  # degrees
     jitter: float = 0.0  # std of the look-at point's offset (world units)
     front_angle: float = 45.0  # |azimuth| below this is "front", above 180 - this is "back"
     overhead_angle: float = 60.0  # elevation above this is "overhead"
+
+    def check(self, key: str = "camera") -> None:
+        for name in ("distance", "fov", "elevation", "azimuth"):
+            lo, hi = getattr(self, name)
+            require(lo <= hi, f"{key}.{name}", "a [low, high] pair with low <= high")
+        require(self.distance[0] > 0, f"{key}.distance", "> 0")
+        require(0 < self.fov[0] and self.fov[1] < 180, f"{key}.fov", "in (0, 180) degrees")
 
 
 @dataclass

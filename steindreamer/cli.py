@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -57,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
-    from .assets import export_run, load_run_config
+    from .assets import export_run
+    from .runfolder import RunFolder
 
-    formats = args.format or load_run_config(args.run_dir).export.formats
+    formats = args.format or RunFolder(args.run_dir).read_config().export.formats
     result = export_run(Path(args.run_dir), formats, args.stage)
     for fmt, path in result["paths"].items():
         print(f"{fmt}: {path}")
@@ -81,70 +81,40 @@ def _run_dir(args, cfg) -> Path:
     return Path(args.out) if args.out else Path("outputs") / f"{slugify(args.prompt)}-{cfg.train.seed}"
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    started = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output path exists and is not a folder: {run_dir}")
-    if started and not resume:
-        if not overwrite:
-            raise UserError(f"run folder {run_dir} already exists; use --resume to continue it or --overwrite to start over")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-        if resume:  # temp files of writes cut by a crash (the NeRF stage sweeps checkpoints/)
-            for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("renders/.*.tmp")]:
-                stale.unlink(missing_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
-
-
 def cmd_generate(args) -> int:
-    from .config import from_yaml_text, load_config, to_yaml
-    from .fsio import atomic_write
-    from .pipeline import generate
+    from .config import config_from_saved, load_config
+    from .guidance.diffusion import resolve_model
+    from .prompt import check_prompt
+    from .runfolder import RunFolder
 
-    if not args.prompt.strip():
-        raise UserError("the prompt is empty")
     cfg = load_config(args.preset or (None if args.config else "steindreamer"), args.config, args.overrides)
-    run_dir = _run_dir(args, cfg)
-    saved = run_dir / "config.yaml"
-    if args.resume and saved.exists() and not (args.preset or args.config):
+    run = RunFolder(_run_dir(args, cfg))
+    if args.resume and run.config.exists() and not (args.preset or args.config):
         # Resuming without naming a preset: the run's own config, plus any overrides (e.g. more steps).
-        try:
-            base = saved.read_text()
-        except OSError as err:
-            raise UserError(f"cannot read {saved}: {err.strerror}") from None
-        cfg = from_yaml_text(base)
-        if args.overrides:
-            from omegaconf import OmegaConf
-
-            load_config(None, None, args.overrides)  # validates the overrides alone
-            merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(_expand(args.overrides)))
-            cfg = from_yaml_text(OmegaConf.to_yaml(merged))
+        cfg = config_from_saved(run.config_text(), args.overrides)
     if args.no_mesh:
         cfg.mesh.enabled = False
-    # Model folders are checked before the heavy libraries load: a bad item fails in a second.
-    from .guidance.diffusion import resolve_model
+    # Everything a user can get wrong is checked before the heavy libraries load and before the run
+    # folder is touched: a refused item fails in a second and leaves nothing behind.
+    location = resolve_model(cfg.guidance.model, "diffusion")
+    if cfg.guidance.engine == "ssd" and cfg.guidance.ssd.baseline != "constant":
+        resolve_model(cfg.guidance.ssd.depth_model, "depth")
+    prompt = check_prompt(args.prompt, location if Path(location).is_dir() else None)
+    run.prepare(args.resume, args.overwrite)
+    run.write_start(cfg, prompt)
+    if cfg.train.threads > 0:  # a process-wide setting: the command's to make, not a stage's
+        import torch
 
-    resolve_model(cfg.guidance.model, "diffusion")
-    if cfg.guidance.engine == "ssd" and cfg.guidance.baseline != "constant":
-        resolve_model(cfg.guidance.depth_model, "depth")
-    _prepare_run_dir(run_dir, args.resume, args.overwrite)
-    try:
-        atomic_write(saved, to_yaml(cfg))
-        (run_dir / "prompt.txt").write_text(args.prompt.strip() + "\n")
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
+        torch.set_num_threads(cfg.train.threads)
     viewer = None
     if args.viewer:
         from .viewer import ViewerCallback
 
-        viewer = ViewerCallback(args.host, args.port, run_dir)
+        viewer = ViewerCallback(args.host, args.port, run.root)
+    from .pipeline import generate
+
     try:
-        result = generate(args.prompt, cfg, run_dir, resume=args.resume, show_progress=not args.quiet,
+        result = generate(prompt, cfg, run.root, resume=args.resume, show_progress=not args.quiet,
                           callbacks=(viewer,) if viewer is not None else ())
     except OSError as err:  # e.g. the disk filled up mid-run; every file written is whole (fsio)
         raise RunFailed(f"{_os_error(err)}; the run folder keeps its last complete checkpoint: "
@@ -152,22 +122,15 @@ def cmd_generate(args) -> int:
     finally:
         if viewer is not None:
             viewer.close()
-    print(f"done: {result['steps']} steps in {result['seconds']:.1f} s -> {run_dir}")
+    if result["stopped"]:
+        print(f"stopped at step {result['steps']}; continue with --resume -> {run.root}")
+    else:
+        print(f"done: {result['steps']} steps in {result['seconds']:.1f} s -> {run.root}")
     return 0
 
 
 def _os_error(err: OSError) -> str:
     return f"{err.strerror or err}: {err.filename}" if err.filename else str(err.strerror or err)
-
-
-def _expand(overrides: list[str]) -> list[str]:
-    from .config import SHORT_KEYS
-
-    out = []
-    for item in overrides:
-        key, value = item.split("=", 1)
-        out.append(f"{SHORT_KEYS.get(key.strip(), key.strip())}={value}")
-    return out
 
 
 def cmd_view(args) -> int:

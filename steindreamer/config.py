@@ -1,26 +1,33 @@
 """One typed config per component, composed here. Presets are YAML files in `configs/`, merged over
 the dataclass defaults, then `key=value` overrides (dotted keys or the short keys below). Anything
-unknown or out of range is rejected before any work with one line naming the key."""
+unknown or out of range is rejected before any work with one line naming the key.
+
+Each component's dataclass lives beside the code it configures (CameraConfig in cameras.py,
+RenderConfig in render/volume.py, ...) with a `check(key)` method next to its fields; choice fields
+are `Literal`s, which OmegaConf enforces on every merge. `validate` walks the tree; checks that span
+components are in `Config.check`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass, field as dc_field, fields
 from pathlib import Path
+from typing import Literal, Sequence, get_args
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .cameras import CameraConfig
-from .errors import UserError
+from .errors import UserError, require
 from .field.nerf import BackgroundConfig, FieldConfig
+from .guidance.config import GuidanceConfig, SSDConfig, VSDConfig
 from .render.shading import ShadingConfig
 from .render.volume import RenderConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
-ENGINES = ("sds", "vsd", "ssd")
+ExportFormat = Literal["glb", "obj", "ply"]
 SHORT_KEYS = {
     "model": "guidance.model",
-    "depth_model": "guidance.depth_model",
+    "depth_model": "guidance.ssd.depth_model",
     "engine": "guidance.engine",
     "seed": "train.seed",
     "steps": "train.steps",
@@ -29,82 +36,82 @@ SHORT_KEYS = {
 
 
 @dataclass
-class GuidanceConfig:
-    model: str = "builtin"  # diffusers folder, hub id, or "builtin"
-    engine: str = "sds"  # sds | vsd | ssd
-    guidance_scale: float = 100.0  # diffusers' CFG convention eps_u + s (eps_c - eps_u)
-    t_min: float = 0.02  # fractions of the schedule
-    t_max: float = 0.98
-    anneal_step: int = -1  # from this step on t_max becomes anneal_t_max (-1: never)
-    anneal_t_max: float = 0.5
-    weighting: str = "sigma2"  # w(t): sigma2 (= 1 - alpha_bar) | uniform
-    grad_clip: float = 0.0  # per-element clip of G, 0 = off
-    view_dependent: bool = True  # append "front view" etc. to the prompt
-    half_precision: bool = True  # fp16 weights on CUDA (always fp32 on CPU)
-    cache_dir: str = ""  # text-embedding cache; "" = $STEINDREAMER_CACHE or ~/.cache/steindreamer
-    # SSD (Stein score distillation)
-    depth_model: str = "builtin"  # transformers depth-estimation folder or hub id
-    baseline: str = "depth"  # depth | normal | constant
-    mu_shape: str = "scalar"  # scalar | channel | pixel (for keep_sds_cv=false)
-    mu_decay: float = 0.99  # EMA decay of the running sums that fit mu
-    mu_init: float = 1.0  # mu before any past step (keep_sds_cv=false); 1 with phi == 1 is SDS
-    # Keep SDS's -eps control variate next to the Stein term, both weights fitted (scalar): equivalent
-    # to the baseline phi + c with c fitted, and never worse than SDS (see guidance/stein.py).
-    keep_sds_cv: bool = True
-    # VSD (variational score distillation)
-    lora_rank: int = 4
-    lora_lr: float = 1e-4
-    pose_drop_p: float = 0.1
-
-
-@dataclass
 class TrainConfig:
     steps: int = 10000  # steps of the NeRF stage
-    batch_size: int = 1
-    seed: int = 0
-    lr_grid: float = 1e-2
-    lr_mlp: float = 1e-3
-    val_every: int = 500
-    val_views: int = 4
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
+    batch_size: int = 1  # views per step
+    seed: int = 0  # of every random draw of a run
+    lr_grid: float = 1e-2  # Adam learning rate of the hash grid
+    lr_mlp: float = 1e-3  # ... and of the MLPs
+    val_every: int = 500  # a validation grid (renders/) every N steps
+    val_views: int = 4  # views in it
+    ckpt_every: int = 500  # a checkpoint every N steps
+    keep_checkpoints: int = 3  # the newest N are kept
     lambda_opacity: float = 0.0  # sparsity: mean opacity
     lambda_entropy: float = 0.0  # binary entropy of opacity
     lambda_orient: float = 0.0  # normals facing away from the camera (needs normals)
     nan_patience: int = 5  # non-finite steps in a row before restoring the last good state
-    max_restores: int = 3
-    restore_lr_factor: float = 0.5
+    max_restores: int = 3  # restores before the run fails
+    restore_lr_factor: float = 0.5  # learning rates times this at each restore
     variance_every: int = 50  # cheap variance meter every N steps (0: off)
-    variance_draws: int = 4
+    variance_draws: int = 4  # extra draws (t, noise) of G per measurement
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch, 0 = torch's default
+
+    def check(self, key: str = "train") -> None:
+        require(self.steps >= 0, f"{key}.steps", "a non-negative integer")
+        require(self.batch_size >= 1, f"{key}.batch_size", ">= 1")
+        for name in ("val_every", "ckpt_every", "keep_checkpoints", "val_views"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1")
+        require(self.lr_grid > 0 and self.lr_mlp > 0, f"{key}.lr_grid/lr_mlp", "> 0")
+        require(self.threads >= 0, f"{key}.threads", ">= 0")
+        require(self.nan_patience >= 1 and self.max_restores >= 0, f"{key}.nan_patience/max_restores", ">= 1 and >= 0")
+        require(0 < self.restore_lr_factor <= 1, f"{key}.restore_lr_factor", "in (0, 1]")
+        require(self.variance_every >= 0 and self.variance_draws >= 2, f"{key}.variance_every/variance_draws", ">= 0 and >= 2")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), f"{key}.device", "auto, cpu, cuda or cuda:N")
 
 
 @dataclass
 class MeshConfig:
     enabled: bool = True  # the mesh stage of `generate` (--no-mesh: export the NeRF's surface as is)
-    steps: int = 1000
+    steps: int = 1000  # steps of the mesh stage
     resolution: int = 128  # render size of the mesh stage
     t_max: float = 0.5  # refinement uses the low-noise end of the schedule
     grid_resolution: int = 128  # marching-cubes grid along the occupied box's longest side
     threshold: float = -1.0  # density iso-level; < 0: automatic (Otsu on log density)
-    target_faces: int = 30000
+    target_faces: int = 30000  # faces after decimation
     min_component_fraction: float = 0.05  # drop floaters smaller than this fraction of the largest piece
-    lr_offsets: float = 1e-3
+    lr_offsets: float = 1e-3  # learning rate of the vertex offsets
     lr_scale: float = 0.1  # texture field learning rates relative to train.lr_grid / lr_mlp
-    lambda_laplacian: float = 1000.0
-    lambda_normal: float = 1000.0
-    ckpt_every: int = 200
+    lambda_laplacian: float = 1000.0  # uniform-Laplacian smoothness of the mesh
+    lambda_normal: float = 1000.0  # normal consistency of adjacent faces
+    ckpt_every: int = 200  # a checkpoint every N mesh steps
+    val_every: int = 0  # a validation grid (renders/val_mesh_*.png) every N mesh steps and at the end; 0: none
+
+    def check(self, key: str = "mesh") -> None:  # t_max against guidance.t_min: Config.check
+        require(self.steps >= 0 and self.ckpt_every >= 1, f"{key}.steps/ckpt_every", ">= 0 and >= 1")
+        require(self.val_every >= 0, f"{key}.val_every", ">= 0")
+        require(self.resolution >= 8 and self.resolution % 8 == 0, f"{key}.resolution", "a positive multiple of 8")
+        require(16 <= self.grid_resolution <= 1024, f"{key}.grid_resolution", "in [16, 1024]")
+        require(self.target_faces >= 100, f"{key}.target_faces", ">= 100")
+        require(0.0 <= self.min_component_fraction < 1.0, f"{key}.min_component_fraction", "in [0, 1)")
+        require(self.lr_offsets >= 0 and self.lr_scale >= 0 and self.lambda_laplacian >= 0 and self.lambda_normal >= 0,
+                f"{key}.lr_*/lambda_*", ">= 0")
 
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = dc_field(default_factory=lambda: ["glb", "obj"])  # of glb, obj, ply
-    texture_size: int = 1024
-    turntable: bool = True
-    turntable_frames: int = 36
-    turntable_size: int = 256
-    turntable_elevation: float = 15.0
+    formats: list[ExportFormat] = dc_field(default_factory=lambda: ["glb", "obj"])  # files `generate` writes
+    texture_size: int = 1024  # baked texture, pixels per side
+    turntable: bool = True  # render turntable.mp4
+    turntable_frames: int = 36  # frames of the video (one turn)
+    turntable_size: int = 256  # pixels per side
+    turntable_elevation: float = 15.0  # degrees
+
+    def check(self, key: str = "export") -> None:
+        allowed = get_args(ExportFormat)
+        require(bool(self.formats) and set(self.formats) <= set(allowed), f"{key}.formats", f"a non-empty list of {', '.join(allowed)}")
+        require(16 <= self.texture_size <= 8192, f"{key}.texture_size", "in [16, 8192]")
+        require(self.turntable_frames >= 1 and self.turntable_size >= 8, f"{key}.turntable_frames/turntable_size", ">= 1 and >= 8")
 
 
 @dataclass
@@ -119,6 +126,10 @@ class Config:
     mesh: MeshConfig = dc_field(default_factory=MeshConfig)
     export: ExportConfig = dc_field(default_factory=ExportConfig)
 
+    def check(self) -> None:
+        """What spans components (each component's own ranges: its `check`, run by `validate`)."""
+        require(self.guidance.t_min < self.mesh.t_max <= 1.0, "mesh.t_max", "in (guidance.t_min, 1]")
+
 
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -127,15 +138,17 @@ def presets() -> list[str]:
 def _one_line(err: Exception) -> str:
     msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     key = getattr(err, "full_key", None)
+    name = key.removeprefix("guidance.") if isinstance(key, str) else None
+    if name in _FLAT_ENGINE_KEYS and "not in 'GuidanceConfig'" in msg:  # a key from before the engine split
+        msg = f"Key '{name}' not in 'GuidanceConfig' (it is guidance.{_FLAT_ENGINE_KEYS[name]}.{name})"
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def load_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> Config:
+def load_config(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults <- preset or file <- overrides, validated. Raises UserError with one line."""
-    base = OmegaConf.structured(Config)
-    layers: list[DictConfig] = []
     if preset and config_file:
         raise UserError("give either --preset or --config, not both")
+    layers: list[DictConfig] = []
     if preset:
         path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
@@ -143,22 +156,67 @@ def load_config(preset: str | None = None, config_file: str | None = None, overr
         layers.append(_read_yaml(path))
     elif config_file:
         layers.append(_read_yaml(Path(config_file)))
-    dotlist = []
+    return _compose(layers, overrides, "invalid config")
+
+
+def config_from_saved(text: str, overrides: Sequence[str] = ()) -> Config:
+    """A run's saved config.yaml text as the base layer (where load_config has the preset), the
+    overrides on top, validated: the config `generate --resume` continues with. Raises UserError
+    with one line ("invalid saved config: ..." for the text, "invalid config: ..." for an override)."""
+    try:
+        layer = OmegaConf.create(text)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
+        raise UserError(f"invalid saved config: {_one_line(err)}") from None
+    if isinstance(layer, DictConfig):
+        _nest_flat_engine_keys(layer)
+    return _compose([layer], overrides, "invalid saved config")
+
+
+def _dotlist(overrides: Sequence[str]) -> list[str]:
+    """`key=value` items as OmegaConf's dotlist, short keys (SHORT_KEYS) expanded."""
+    out = []
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value")
         key, value = item.split("=", 1)
-        key = SHORT_KEYS.get(key.strip(), key.strip())
-        dotlist.append(f"{key}={value}")
+        out.append(f"{SHORT_KEYS.get(key.strip(), key.strip())}={value}")
+    return out
+
+
+def _compose(layers: list, overrides: Sequence[str], label: str) -> Config:
+    """Defaults <- each layer (its errors: `label`) <- overrides, as a validated Config."""
+    dotlist = _dotlist(overrides)
+    merged = OmegaConf.structured(Config)
     try:
         for layer in layers:
-            base = OmegaConf.merge(base, layer)
-        base = OmegaConf.merge(base, OmegaConf.from_dotlist(dotlist))
-        cfg: Config = OmegaConf.to_object(base)
+            merged = OmegaConf.merge(merged, layer)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
+        raise UserError(f"{label}: {_one_line(err)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+        cfg: Config = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:  # YAML in values, too
         raise UserError(f"invalid config: {_one_line(err)}") from None
     validate(cfg)
     return cfg
+
+
+# Run folders saved before guidance split per engine keep these keys flat under guidance.
+_FLAT_ENGINE_KEYS = {**{f.name: "ssd" for f in fields(SSDConfig)}, **{f.name: "vsd" for f in fields(VSDConfig)}}
+
+
+def _nest_flat_engine_keys(saved: DictConfig) -> None:
+    """guidance.baseline -> guidance.ssd.baseline etc. in an old run's saved config (in place);
+    presets, config files and overrides must use the nested keys."""
+    g = saved.get("guidance")
+    if not isinstance(g, DictConfig):
+        return
+    for name, engine in _FLAT_ENGINE_KEYS.items():
+        if name in g:
+            if engine not in g:
+                g[engine] = {}
+            if isinstance(g[engine], DictConfig) and name not in g[engine]:
+                g[engine][name] = g.pop(name)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -174,86 +232,11 @@ def _read_yaml(path: Path) -> DictConfig:
     return data
 
 
-def _check(ok: bool, key: str, allowed: str) -> None:
-    if not ok:
-        raise UserError(f"invalid config: {key} must be {allowed}")
-
-
-def _check_range(cfg, key: str) -> None:
-    lo, hi = _get(cfg, key)
-    _check(lo <= hi, key, "a [low, high] pair with low <= high")
-
-
-def _get(cfg, dotted: str):
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def validate(cfg: Config) -> None:
-    t, g, r = cfg.train, cfg.guidance, cfg.render
-    _check(t.steps >= 0, "train.steps", "a non-negative integer")
-    _check(t.batch_size >= 1, "train.batch_size", ">= 1")
-    for key in ("val_every", "ckpt_every", "keep_checkpoints", "val_views"):
-        _check(getattr(t, key) >= 1, f"train.{key}", ">= 1")
-    _check(t.lr_grid > 0 and t.lr_mlp > 0, "train.lr_grid/lr_mlp", "> 0")
-    _check(t.threads >= 0, "train.threads", ">= 0")
-    _check(t.nan_patience >= 1 and t.max_restores >= 0, "train.nan_patience/max_restores", ">= 1 and >= 0")
-    _check(0 < t.restore_lr_factor <= 1, "train.restore_lr_factor", "in (0, 1]")
-    _check(t.variance_every >= 0 and t.variance_draws >= 2, "train.variance_every/variance_draws", ">= 0 and >= 2")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", "auto, cpu, cuda or cuda:N")
-    _check(r.resolution >= 8 and r.resolution % 8 == 0, "render.resolution", "a positive multiple of 8")
-    _check(r.samples >= 2, "render.samples", ">= 2")
-    _check(r.chunk >= 1, "render.chunk", ">= 1")
-    _check(r.backend in ("auto", "torch", "nerfacc"), "render.backend", "one of auto, torch, nerfacc")
-    _check(r.normals in ("surface", "samples", "difference"), "render.normals", "one of surface, samples, difference")
-    _check(r.normal_eps > 0, "render.normal_eps", "> 0")
-    _check(g.engine in ENGINES, "guidance.engine", f"one of {', '.join(ENGINES)}")
-    _check(0.0 <= g.t_min < g.t_max <= 1.0, "guidance.t_min/t_max", "0 <= t_min < t_max <= 1")
-    _check(g.anneal_step < 0 or g.t_min < g.anneal_t_max <= 1.0, "guidance.anneal_t_max", "in (t_min, 1]")
-    _check(g.guidance_scale >= 0, "guidance.guidance_scale", ">= 0")
-    _check(g.weighting in ("sigma2", "uniform"), "guidance.weighting", "one of sigma2, uniform")
-    _check(g.grad_clip >= 0, "guidance.grad_clip", ">= 0")
-    _check(bool(g.model.strip()), "guidance.model", "a folder, hub id or builtin")
-    _check(g.baseline in ("depth", "normal", "constant"), "guidance.baseline", "one of depth, normal, constant")
-    _check(g.mu_shape in ("scalar", "channel", "pixel"), "guidance.mu_shape", "one of scalar, channel, pixel")
-    _check(0.0 <= g.mu_decay < 1.0, "guidance.mu_decay", "in [0, 1)")
-    _check(g.lora_rank >= 1, "guidance.lora_rank", ">= 1")
-    _check(0.0 <= g.pose_drop_p <= 1.0, "guidance.pose_drop_p", "in [0, 1]")
-    f = cfg.field
-    _check(f.bound > 0 and f.blob_radius > 0, "field.bound/blob_radius", "> 0")
-    _check(f.grid.levels >= 1 and f.grid.features >= 1, "field.grid.levels/features", ">= 1")
-    _check(1 <= f.grid.log2_table <= 24, "field.grid.log2_table", "in [1, 24]")
-    _check(1 <= f.grid.base_res <= f.grid.max_res, "field.grid.base_res/max_res", "1 <= base_res <= max_res")
-    _check(f.grid.backend in ("auto", "torch", "tcnn", "triton", "cpu"), "field.grid.backend", "one of auto, torch, tcnn, triton, cpu")
-    o = f.occupancy
-    _check(o.resolution == 0 or 8 <= o.resolution <= 256, "field.occupancy.resolution", "0 (off) or in [8, 256]")
-    _check(0 <= o.dilate <= 4, "field.occupancy.dilate", "in [0, 4]")
-    _check(o.update_every >= 1, "field.occupancy.update_every", ">= 1")
-    _check(0 < o.threshold < 1 and 0 <= o.decay <= 1, "field.occupancy.threshold/decay", "threshold in (0, 1), decay in [0, 1]")
-    _check(cfg.background.kind in ("mlp", "white", "black"), "background.kind", "one of mlp, white, black")
-    _check(0.0 <= cfg.background.random_p <= 1.0, "background.random_p", "in [0, 1]")
-    s = cfg.shading
-    _check(0.0 <= s.lambertian_p <= 1.0 and 0.0 <= s.textureless_p <= 1.0, "shading.lambertian_p/textureless_p", "in [0, 1]")
-    m, e = cfg.mesh, cfg.export
-    _check(m.steps >= 0 and m.ckpt_every >= 1, "mesh.steps/ckpt_every", ">= 0 and >= 1")
-    _check(m.resolution >= 8 and m.resolution % 8 == 0, "mesh.resolution", "a positive multiple of 8")
-    _check(g.t_min < m.t_max <= 1.0, "mesh.t_max", "in (guidance.t_min, 1]")
-    _check(16 <= m.grid_resolution <= 1024, "mesh.grid_resolution", "in [16, 1024]")
-    _check(m.target_faces >= 100, "mesh.target_faces", ">= 100")
-    _check(0.0 <= m.min_component_fraction < 1.0, "mesh.min_component_fraction", "in [0, 1)")
-    _check(m.lr_offsets >= 0 and m.lr_scale >= 0 and m.lambda_laplacian >= 0 and m.lambda_normal >= 0, "mesh.lr_*/lambda_*", ">= 0")
-    _check(bool(e.formats) and set(e.formats) <= {"glb", "obj", "ply"}, "export.formats", "a non-empty list of glb, obj, ply")
-    _check(16 <= e.texture_size <= 8192, "export.texture_size", "in [16, 8192]")
-    _check(e.turntable_frames >= 1 and e.turntable_size >= 8, "export.turntable_frames/turntable_size", ">= 1 and >= 8")
-    _check(s.light in ("camera", "fixed"), "shading.light", "one of camera, fixed")
-    _check(sum(v * v for v in s.light_dir) > 0, "shading.light_dir", "a non-zero direction")
-    c = cfg.camera
-    for key in ("distance", "fov", "elevation", "azimuth"):
-        _check_range(cfg, f"camera.{key}")
-    _check(c.distance[0] > 0, "camera.distance", "> 0")
-    _check(0 < c.fov[0] and c.fov[1] < 180, "camera.fov", "in (0, 180) degrees")
+    """Every component's `check` under its key, then the checks across components."""
+    for f in fields(cfg):
+        getattr(cfg, f.name).check(f.name)
+    cfg.check()
 
 
 def to_yaml(cfg: Config) -> str:
@@ -262,10 +245,4 @@ def to_yaml(cfg: Config) -> str:
 
 def from_yaml_text(text: str) -> Config:
     """The resolved config saved in a run folder, read back (for resume, export, render)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-        cfg = OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
-        raise UserError(f"invalid saved config: {_one_line(err)}") from None
-    validate(cfg)
-    return cfg
+    return config_from_saved(text)

@@ -1,5 +1,5 @@
-"""The whole job for one prompt: NeRF stage, mesh stage (optional), export and turntable. Writes
-`result.json` in the run folder: what was produced and the final metrics."""
+"""The whole job for one prompt: NeRF stage, mesh stage (optional), export and turntable, in one run
+folder. Writes `result.json` there: what was produced and the final metrics."""
 from __future__ import annotations
 
 import json
@@ -7,48 +7,78 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config
-from .fsio import atomic_write
 from .assets import export_mesh, turntable_from_mesh
-from .mesh_stage import AlbedoField, extract_from_nerf, run_mesh_stage
-from .train import run_nerf_stage
+from .config import Config
+from .export.extract import extract_field_surface
+from .field.nerf import AlbedoField
+from .fsio import atomic_write
+from .guidance.diffusion import DiffusionGuidance, pick_device
+from .runfolder import RunFolder
+from .stages import Context, MeshStage, NeRFStage, run_stage
+
+
+def build_stages(prompt: str, cfg: Config, run: RunFolder | None = None, resume: bool = False):
+    """The context and the NeRF stage, restored from the run's newest NeRF checkpoint if resuming."""
+    device = pick_device(cfg.train.device)
+    guidance = DiffusionGuidance(cfg.guidance.model, device, cfg.guidance.half_precision, cfg.guidance.cache_dir)
+    ctx = Context(prompt, cfg, guidance)
+    nerf = NeRFStage(ctx)
+    state = run.resume_state("nerf", cfg, prompt, device) if resume and run is not None else None
+    if state is not None:
+        nerf.load_state(state)
+    return ctx, nerf
+
+
+def mesh_stage(ctx: Context, nerf: NeRFStage, run: RunFolder, resume: bool) -> MeshStage:
+    """The mesh stage from the NeRF's surface, or restored from the run's newest mesh checkpoint."""
+    state = run.resume_state("mesh", ctx.cfg, ctx.prompt, ctx.device) if resume else None
+    if state is None:
+        return MeshStage(ctx, nerf.field)
+    stage = MeshStage(ctx, nerf.field, state["mesh"]["base_vertices"].cpu(), state["mesh"]["faces"].cpu())
+    stage.load_state(state)
+    return stage
 
 
 def generate(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show_progress: bool = True,
              callbacks: tuple[Callable, ...] = ()) -> dict:
-    run_dir = Path(run_dir)
+    """`prompt` as `steindreamer.prompt.check_prompt` returns it. Returns result.json's contents plus
+    "stopped" (a callback ended training; nothing was exported)."""
+    run = RunFolder(run_dir)
     start = time.perf_counter()
-    nerf = run_nerf_stage(prompt, cfg, run_dir, resume=resume, show_progress=show_progress, callbacks=callbacks)
-    last = nerf["last"]
-    stage = nerf["stage"]
+    ctx, nerf = build_stages(prompt, cfg, run, resume)
+    trained = run_stage(nerf, run, callbacks=callbacks, show_progress=show_progress)
     timings = {"nerf": time.perf_counter() - start}
-    t = time.perf_counter()
-    if cfg.mesh.enabled:
-        mesh = run_mesh_stage(stage, run_dir, resume=resume, show_progress=show_progress)
+    last = trained["last"]
+    if not trained["stopped"] and cfg.mesh.enabled:
+        t = time.perf_counter()
+        mesh = mesh_stage(ctx, nerf, run, resume)
+        refined = run_stage(mesh, run, offset=nerf.step_index, callbacks=callbacks, show_progress=show_progress)
+        trained["stopped"] = refined["stopped"]
         vertices, faces = mesh.mesh.export_arrays()
         color = mesh.texture
         timings["mesh"] = time.perf_counter() - t
-    else:
-        vertices, faces, _ = extract_from_nerf(stage.field, cfg)
-        color = AlbedoField(stage.field)
+    elif not trained["stopped"]:
+        vertices, faces, _ = extract_field_surface(nerf.field, cfg.mesh)
+        color = AlbedoField(nerf.field)
+    if trained["stopped"]:
+        return {"prompt": prompt, "steps": nerf.step_index, "seconds": time.perf_counter() - start, "stopped": True}
     t = time.perf_counter()
-    exported = export_mesh(run_dir, vertices, faces, color, cfg)
+    exported = export_mesh(run.root, vertices, faces, color, cfg)
     timings["export"] = time.perf_counter() - t
     if cfg.export.turntable:
         t = time.perf_counter()
-        turntable_from_mesh(run_dir, vertices, faces, color, cfg)
+        turntable_from_mesh(run.root, vertices, faces, color, cfg)
         timings["turntable"] = time.perf_counter() - t
     result = {
-        "prompt": prompt.strip(),
+        "prompt": prompt,
         "seed": cfg.train.seed,
         "engine": cfg.guidance.engine,
-        "steps": nerf["step"],
+        "steps": nerf.step_index,
         "seconds": time.perf_counter() - start,
         "final": {k: last[k] for k in ("loss", "opacity", "mu", "variance") if k in last},
         "mesh": {"vertices": int(len(vertices)), "faces": int(len(faces)), "texture_coverage": exported.get("texture_coverage")},
         "timings": timings,
-        "files": sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith(".")),
+        "files": run.files(),
     }
-    atomic_write(run_dir / "result.json", json.dumps(result, indent=2))
-    result["stage"] = nerf["stage"]
-    return result
+    atomic_write(run.result, json.dumps(result, indent=2))
+    return {**result, "stopped": False}

@@ -1,4 +1,5 @@
-"""METHOD.md's seven tests on the analytic harness (closed-form noised scores, SD's schedule).
+"""The seven tests of docs/method.md, "The analytic harness and its tests" (closed-form noised
+scores, SD's schedule).
 
 Monte-Carlo sizes and seeds are fixed, so every test is deterministic; each was checked to fail when
 the maths is broken (wrong sign, missing sigma_t, mu fitted on the current sample, wrong f-weight).
@@ -10,19 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from steindreamer.guidance.analytic import (GaussianMixture, RandomCNN, alpha_sigma, diffuse,
-                                            random_cameras, sd_alphas_cumprod)
+from steindreamer.guidance.analytic import GaussianMixture, RandomCNN, diffuse, random_cameras, sd_schedule
 from steindreamer.guidance.baselines import _value_and_grad, constant_baseline, depth_baseline
 from steindreamer.guidance.engines import (control_variate, f_divergence_weight, sds, ssd, vsd)
 from steindreamer.guidance.stein import LaggedMu, optimal_mu, reduce_to_shape
 from steindreamer.guidance.variance import gradient_variance
 
-AC = sd_alphas_cumprod()
+SD = sd_schedule()  # float64
 D64 = torch.float64
 
 
 def z_limit(m: int) -> float:
-    """METHOD.md's '3 standard errors' made family-wise for m coordinates (Bonferroni): the same
+    """docs/method.md's '3 standard errors' made family-wise for m coordinates (Bonferroni): the same
     0.27% false-alarm rate for the whole vector as 3 SE has for one coordinate (m=1 gives 3.0)."""
     return NormalDist().inv_cdf(1 - 0.0027 / (2 * m))
 
@@ -50,13 +50,13 @@ def test_schedule_matches_diffusers():
 
     sch = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear")
-    torch.testing.assert_close(AC.float(), sch.alphas_cumprod.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(SD.alphas_cumprod.float(), sch.alphas_cumprod.float(), rtol=1e-5, atol=1e-6)
 
 
 # 1. Zero mean ---------------------------------------------------------------------------------------
 def _forms(x0, t, n, phi_fn, gen, chunk=None):
     """Samples of h = sigma grad phi - eps phi, the literal 'eps phi + grad phi', and 'grad phi - eps phi'."""
-    a, s = (float(v) for v in alpha_sigma(t, AC))
+    a, s = (float(v) for v in SD.alpha_sigma(t))
     out = {"h": [], "literal": [], "no_sigma": []}
     chunk = chunk or n
     for _ in range(n // chunk):
@@ -73,7 +73,7 @@ def test_zero_mean_smooth_phi(t):
     gen = torch.Generator().manual_seed(t)
     x0 = torch.randn(1, 6, generator=gen, dtype=D64)
     f = _forms(x0, t, 200_000, smooth_phi, gen)
-    assert zscores(f["h"]).abs().max() < z_limit(6)  # METHOD.md: within 3 standard errors
+    assert zscores(f["h"]).abs().max() < z_limit(6)  # docs/method.md: within 3 standard errors
     assert zscores(f["literal"]).abs().max() > 6.0
     if t == 50:  # the sigma_t factor matters most when sigma_t is far from 1
         assert zscores(f["no_sigma"]).abs().max() > 6.0
@@ -91,7 +91,7 @@ def test_zero_mean_random_cnn_phi():
     cnn, t = RandomCNN(seed=0), 50
     gen = torch.Generator().manual_seed(0)
     x0 = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
-    a, _ = alpha_sigma(t, AC)
+    a, _ = SD.alpha_sigma(t)
     ref = cnn(float(a) * x0).mean()  # constant offset: keeps phi ~ 0 so eps*phi noise stays small
 
     f = _forms(x0, t, 1024, lambda x: cnn(x).mean((1, 2)) - ref, gen, chunk=256)
@@ -110,14 +110,14 @@ def test_zero_mean_depth_baseline_random_cnn():
     x0 = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
     disp, op = (1.5 - xx ** 2 - yy ** 2)[None], ((xx ** 2 + yy ** 2) < 0.8).float()[None]
-    a, _ = alpha_sigma(t, AC)
+    a, _ = SD.alpha_sigma(t)
     phi0, _ = depth_baseline(float(a) * x0, disp, op, cnn)
 
     def baseline(x):
         b = x.shape[0]
         return depth_baseline(x, disp.expand(b, -1, -1), op.expand(b, -1, -1), cnn)
 
-    a_, s_ = (float(v) for v in alpha_sigma(t, AC))
+    a_, s_ = (float(v) for v in SD.alpha_sigma(t))
     hs, lit = [], []
     for _ in range(4):
         eps = torch.randn(128, 3, 64, 64, generator=gen)
@@ -135,7 +135,7 @@ def test_zero_mean_depth_baseline_random_cnn():
 def draws(target, x, n, gen, phi_fn=None, t_range=(20, 980)):
     """n draws of (eps_hat, eps, h, w, phi) at the fixed render x [1, C, H, W] (flattened for the target)."""
     t = torch.randint(t_range[0], t_range[1] + 1, (n,), generator=gen)
-    a, s = (v.view(-1, 1, 1, 1) for v in alpha_sigma(t, AC))
+    a, s = (v.view(-1, 1, 1, 1) for v in SD.alpha_sigma(t))
     eps = torch.randn((n,) + x.shape[1:], generator=gen, dtype=D64)
     xt = diffuse(x, eps, a, s)
     eps_hat = target.eps(xt.flatten(1), a.view(-1, 1), s.view(-1, 1)).view_as(xt)
@@ -252,7 +252,7 @@ def test_vsd_variance_decomposition(t):
     d, n = 4, 200_000
     p = mixture(d, seed=11)
     q = GaussianMixture.gaussian(torch.randn(d, generator=gen, dtype=D64), 0.4 + torch.rand(d, generator=gen, dtype=D64))
-    a, s = alpha_sigma(t, AC)
+    a, s = SD.alpha_sigma(t)
     w = s ** 2
     x0 = q.sample(n, gen)  # particles: the generator's distribution q_0
     eps = torch.randn(n, d, generator=gen, dtype=D64)
@@ -298,7 +298,7 @@ def _divergence(kind, theta, a, s):
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js"])
 def test_f_divergence_gradient_matches_numerical(kind):
-    a, s = (float(v) for v in alpha_sigma(T7, AC))
+    a, s = (float(v) for v in SD.alpha_sigma(T7))
     theta = np.array([-0.3, 0.9])  # q_0 = N(theta_0, theta_1^2), x_0 = theta_0 + theta_1 z
     # Estimator expectation over (z, eps) by 2-D Gauss-Hermite quadrature.
     nodes, wts = np.polynomial.hermite_e.hermegauss(60)
@@ -332,7 +332,7 @@ def test_f_divergence_weight_normalisation():
 
 def test_kl_quadrature_matches_closed_form():
     """Guards the reference D_f itself: Gaussian KLs in closed form."""
-    a, s = (float(v) for v in alpha_sigma(T7, AC))
+    a, s = (float(v) for v in SD.alpha_sigma(T7))
     theta = np.array([-0.3, 0.9])
     mp, vp = a * P_M, a ** 2 * P_S ** 2 + s ** 2
     mq, vq = a * theta[0], a ** 2 * theta[1] ** 2 + s ** 2
@@ -351,7 +351,7 @@ def test_variance_meter_closed_form():
     p = GaussianMixture.gaussian(torch.zeros(d, dtype=D64), std)
     A = random_cameras(1, d, 3, gen)[0]
     theta = torch.randn(3, dtype=D64, generator=gen)
-    a, s = alpha_sigma(t, AC)
+    a, s = SD.alpha_sigma(t)
     w = s ** 2
 
     def draw(i):
@@ -392,3 +392,62 @@ def test_joint_stein_and_sds_control_variates_never_worse_than_sds():
     # Before any data it is exactly SDS.
     fresh = LaggedJointMu()
     assert torch.equal(fresh.apply(e[:8], h[:8], n[:8], w[:8], update=False), sds(e[:8], n[:8], w[:8]))
+
+
+# mu_decay has one meaning for both estimators: a draw folded in k updates ago weighs decay**k.
+def _decayed_fits(decay: float, ys: list[float], zs: list[float]) -> tuple[float, float, float]:
+    """Draws built so that each fit is a weighted mean: h = [1, 0], noise = [0, 1] (h orthogonal to
+    the SDS variate -eps), eps_hat = [-y, z]. Then mu = sum_k w_k y_k / sum_k w_k, nu likewise of z,
+    and LaggedMu (h = 1, eps_hat = -y) fits the same mean of y."""
+    from steindreamer.guidance.stein import LaggedJointMu
+
+    joint = LaggedJointMu(decay=decay, warmup=1, ridge=0.0)
+    alone = LaggedMu(shape="scalar", decay=decay, warmup=1)
+    h, noise = torch.tensor([[1.0, 0.0]], dtype=D64), torch.tensor([[0.0, 1.0]], dtype=D64)
+    for y, z in zip(ys, zs):
+        joint.apply(torch.tensor([[-y, z]], dtype=D64), h, noise, 1.0)
+        alone.apply(torch.tensor([[-y]], dtype=D64), torch.ones(1, 1, dtype=D64), 1.0)
+    mu, nu = joint.coefficients()
+    return mu, nu, alone.summary()
+
+
+def test_mu_decay_weighs_a_draw_k_updates_old_by_decay_to_the_k():
+    n, d = 20, 0.99
+    first = [1.0] + [0.0] * (n - 1)  # only the first draw contributes
+    last = [0.0] * (n - 1) + [1.0]   # only the last one does
+    mu_first, nu_last, alone_first = _decayed_fits(d, first, last)
+    mu_last, nu_first, alone_last = _decayed_fits(d, last, first)
+    total = sum(d ** k for k in range(n))
+    assert mu_first == pytest.approx(d ** (n - 1) / total, rel=1e-12)
+    assert mu_last == pytest.approx(1.0 / total, rel=1e-12) and nu_last == pytest.approx(mu_last, rel=1e-12)
+    assert mu_first / mu_last == pytest.approx(d ** (n - 1), rel=1e-12)  # first vs last: 0.99**19
+    assert nu_first / nu_last == pytest.approx(d ** (n - 1), rel=1e-12)
+    # LaggedMu gives decay the same meaning.
+    assert alone_first == pytest.approx(mu_first, rel=1e-12) and alone_last == pytest.approx(mu_last, rel=1e-12)
+
+
+def test_mu_decay_first_draw_does_not_dominate():
+    """The earlier LaggedJointMu (EMA started at the first draw) gave that draw 83% of the fit after
+    20 draws at decay 0.99; with decay**k weights it is one draw among twenty (~4.5%)."""
+    mu, nu, _ = _decayed_fits(0.99, [1.0] + [0.0] * 19, [1.0] + [0.0] * 19)
+    assert mu < 0.06 and nu < 0.06
+    mu, _, _ = _decayed_fits(0.99, [0.0] + [1.0] * 19, [0.0] * 20)  # the reverse: later draws are not drowned
+    assert mu > 0.94
+
+
+def test_joint_mu_state_round_trip_and_old_ema_state():
+    from steindreamer.guidance.stein import LaggedJointMu
+
+    est = LaggedJointMu(decay=0.9, warmup=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        e, h, n = (torch.randn(2, 3, generator=g, dtype=D64) for _ in range(3))
+        est.apply(e, h, n, 1.0)
+    state = est.state_dict()
+    again = LaggedJointMu(decay=0.9, warmup=1)
+    again.load_state_dict(state)
+    assert torch.equal(again.sums, est.sums) and again.n == est.n and again.coefficients() == est.coefficients()
+    old = LaggedJointMu(decay=0.9, warmup=1)  # a checkpoint from the EMA version: no "discounted" key
+    old.load_state_dict({"sums": est.sums * 0.1, "n": est.n})
+    torch.testing.assert_close(old.sums, est.sums, rtol=1e-12, atol=0)  # brought to the sums' scale
+    LaggedJointMu().load_state_dict({"n": 0})  # a state saved before any update

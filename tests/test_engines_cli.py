@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from steindreamer.cli import main
+from steindreamer.guidance import distill
 from steindreamer.guidance.diffusion import DiffusionGuidance
 
+from test_baselines import BaselineSpy
 from test_cli import FAST
 
 
@@ -24,13 +26,15 @@ def test_ssd_runs_through_vae_decode_and_depth_model(tiny_latent_model, tiny_dep
         return original(self, z)
 
     monkeypatch.setattr(DiffusionGuidance, "decode", counting_decode)
+    spy = BaselineSpy(monkeypatch, distill, "depth_baseline")
     out = tmp_path / "ssd"
     args = ["generate", "a red cube", "--out", str(out), *FAST, f"model={tiny_latent_model}", f"depth_model={tiny_depth_model}",
             "engine=ssd", "steps=3", "train.variance_every=2"]
     assert main(args) == 0
     rows = _metrics(out)
-    assert calls["decode"] >= 3  # phi(x_t) decodes the noisy latent every step
-    assert all(0.0 <= r["phi"] <= 2.0 and "mu" in r for r in rows)
+    assert calls["decode"] >= 3 and all(spy.decoded)  # phi(x_t) decodes the noisy latent every step
+    assert all("mu" in r for r in rows)
+    spy.check(rows)  # logged phi = 1 - weighted Pearson(NeRF disparity, depth model on decode(x_t)), recomputed
     assert rows[0]["mu"] == 0.0 and rows[0]["nu"] == 1.0  # no past steps yet: exactly SDS
     assert any("variance" in r for r in rows)
     assert (out / "variance.png").exists() and (out / "loss.png").exists()
@@ -38,13 +42,15 @@ def test_ssd_runs_through_vae_decode_and_depth_model(tiny_latent_model, tiny_dep
     assert state["distiller"]["mu"]["n"] == 2
 
 
-def test_ssd_normal_baseline_on_pixel_model(tiny_pixel_model, tiny_depth_model, tmp_path):
+def test_ssd_normal_baseline_on_pixel_model(tiny_pixel_model, tiny_depth_model, tmp_path, monkeypatch):
+    spy = BaselineSpy(monkeypatch, distill, "normal_baseline")
     out = tmp_path / "ssd-normal"
     args = ["generate", "a red cube", "--out", str(out), *FAST, f"model={tiny_pixel_model}", f"depth_model={tiny_depth_model}",
-            "engine=ssd", "guidance.baseline=normal", "guidance.keep_sds_cv=false", "guidance.mu_shape=channel", "steps=2"]
+            "engine=ssd", "guidance.ssd.baseline=normal", "guidance.ssd.keep_sds_cv=false", "guidance.ssd.mu_shape=channel", "steps=2"]
     assert main(args) == 0
     rows = _metrics(out)
-    assert all(0.0 <= r["phi"] <= 2.0 and "nu" not in r for r in rows)
+    assert all("nu" not in r for r in rows) and not any(spy.decoded)  # pixel model: phi reads x_t itself
+    spy.check(rows)  # logged phi = 1 - weighted mean cosine of NeRF and estimated normals, recomputed
     assert rows[0]["mu"] == pytest.approx(1.0)  # the Stein term alone starts at mu_init
 
 

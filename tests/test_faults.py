@@ -241,10 +241,12 @@ def test_memory_flat_over_a_long_run(tiny_pixel_model, tmp_path):
     from step 60 on, no tensor, no Python object and (traced, steps 100-199) no memory piles up,
     and every logged value is a plain Python number."""
     from steindreamer.config import load_config
-    from steindreamer.train import run_nerf_stage
+    from steindreamer.pipeline import build_stages
+    from steindreamer.runfolder import RunFolder
+    from steindreamer.stages import run_stage
 
     overrides = [a for a in FAST if "=" in a] + [
-        f"model={tiny_pixel_model}", ONE_THREAD, "engine=ssd", "guidance.baseline=constant", "steps=200", "resolution=8",
+        f"model={tiny_pixel_model}", ONE_THREAD, "engine=ssd", "guidance.ssd.baseline=constant", "steps=200", "resolution=8",
         "render.samples=8", "train.batch_size=1", "train.ckpt_every=50", "train.val_every=1000",
         "train.variance_every=10", "train.variance_draws=2"]
     cfg = load_config(None, None, overrides)
@@ -275,7 +277,7 @@ def test_memory_flat_over_a_long_run(tiny_pixel_model, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     try:
-        result = run_nerf_stage("a red cube", cfg, run_dir, show_progress=False, callbacks=(probe,))
+        result = run_stage(build_stages("a red cube", cfg)[1], RunFolder(run_dir), show_progress=False, callbacks=(probe,))
     finally:
         if tracemalloc.is_tracing():
             tracemalloc.stop()

@@ -74,3 +74,25 @@ def test_missing_model_folder_is_a_user_error(tmp_path):
         resolve_model(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="not a diffusers"):
         DiffusionGuidance(str(tmp_path), torch.device("cpu"))
+
+
+def test_guidance_noise_maths_is_its_schedules(tiny_latent_model):
+    """DiffusionGuidance's alpha_sigma / add_noise / weight / sample_t are its NoiseSchedule's, which
+    are bit for bit the formulas the reference run was taken with."""
+    from steindreamer.guidance.schedule import NoiseSchedule
+
+    guide = DiffusionGuidance(str(tiny_latent_model), torch.device("cpu"))
+    assert isinstance(guide.schedule, NoiseSchedule) and guide.schedule.prediction_type == guide.prediction_type
+    abar = guide.scheduler.alphas_cumprod.to(dtype=torch.float32)
+    assert torch.equal(guide.alphas_cumprod, abar) and guide.num_train_timesteps == len(abar)
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = guide.sample_t(3, 0.02, 0.98, torch.Generator().manual_seed(1))
+    assert torch.equal(t, torch.randint(20, 981, (3,), generator=torch.Generator().manual_seed(1)))
+    a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+    assert torch.equal(guide.add_noise(x, noise, t), a.view(-1, 1, 1, 1) * x + s.view(-1, 1, 1, 1) * noise)
+    assert torch.equal(guide.weight(t, "sigma2"), 1 - abar[t])
+    emb = guide.text_embeddings(["a cube"] * 3)
+    with torch.no_grad():  # an epsilon model: unet_eps is the UNet's output as is
+        out = guide.unet(x.contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=emb).sample
+        assert torch.equal(guide.unet_eps(x, t, emb), out)

@@ -49,6 +49,12 @@ def test_interpolation_is_trilinear_between_vertices():
     assert torch.allclose(f0[0], grid.table[row], atol=1e-6)
 
 
+def hashed_row(vertex: tuple[int, int, int], log2_table: int) -> int:
+    """Instant-NGP's spatial hash of an integer grid vertex, in Python integers (uint32 products)."""
+    x, y, z = vertex
+    return ((x * 1) ^ (y * 2654435761) ^ (z * 805459861)) % 2**32 % 2**log2_table
+
+
 def test_hash_collision_shares_features_only_in_hashed_levels():
     # Level 0 (res 4, 125 vertices) fits the 256-entry table: dense, no collisions.
     # Level 1 (res 64) does not: hashed, and two distinct vertices can share an entry by design.
@@ -61,7 +67,7 @@ def test_hash_collision_shares_features_only_in_hashed_levels():
     seen = {}
     pair = None
     for v in itertools.product(range(0, res, 4), range(0, res, 4), range(0, res, 16)):
-        idx = int(grid.vertex_index(torch.tensor(v).view(1, 1, 1, 3).expand(1, 2, 1, 3))[0, 1, 0])
+        idx = hashed_row(v, cfg.log2_table)  # level 1's row
         # Vertices on the coarse level's grid too (multiples of 16) would coincide there; avoid them.
         if idx in seen and (v[0] // 16, v[1] // 16, v[2] // 16) != tuple(c // 16 for c in seen[idx]):
             pair = (seen[idx], v)
@@ -88,7 +94,7 @@ def test_hash_matches_instant_ngp_uint32_hash_at_large_coordinates():
     with torch.no_grad():
         features = grid(points.float())[:, 0]
     for v, f in zip(vertices.tolist(), features):
-        row = ((v[0] * 1) ^ (v[1] * 2654435761) ^ (v[2] * 805459861)) % 2**32 % 2**12
+        row = hashed_row(v, 12)
         assert abs(float(f) - float(grid.table.detach()[row, 0])) < 1e-3, (v, row)
 
 
@@ -135,3 +141,22 @@ def test_compiled_encoding_matches_eager_and_normals_stay_eager():
         gx.square().sum().backward()
         grads.append(enc.table.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0
+
+
+def test_compile_is_refused_beside_a_named_fused_kernel_and_flagged_beside_a_picked_one(caplog):
+    """field.grid.compile applies to the PyTorch encoding only: with a fused backend named it is a
+    user error; where 'auto' picks a fused kernel it is said to have no effect (and the kernel runs)."""
+    from steindreamer.errors import UserError
+    from steindreamer.field import hashgrid_cpu
+    from steindreamer.field.hashgrid import make_hashgrid
+
+    cfg = HashGridConfig(levels=2, features=2, log2_table=8, base_res=4, max_res=16, compile=True)
+    for backend in ("cpu", "tcnn", "triton"):
+        with pytest.raises(UserError, match="compile"):
+            make_hashgrid(dataclasses.replace(cfg, backend=backend), 1.0, "cpu")
+    assert make_hashgrid(dataclasses.replace(cfg, backend="torch"), 1.0, "cpu").kernel == "torch"
+    if hashgrid_cpu.library() is None:
+        pytest.skip("no C compiler builds the fused hash grid here: 'auto' takes the PyTorch path, compiled")
+    with caplog.at_level("WARNING"):
+        assert make_hashgrid(cfg, 1.0, "cpu").kernel == "cpu"
+    assert any("no effect" in r.message for r in caplog.records)

@@ -80,11 +80,11 @@ def test_points_that_need_gradients_take_the_torch_path_and_differentiate_twice(
 
 @needs_kernel
 def test_cpu_picks_the_kernel_unless_told_otherwise(monkeypatch):
-    assert hashgrid_backend("cpu") == "cpu"
+    assert hashgrid_backend("cpu", cpu_kernel=hashgrid_cpu.library) == "cpu"
     assert make_hashgrid(CFG, 1.0, "cpu").kernel == "cpu"
     assert make_hashgrid(HashGridConfig(backend="torch"), 1.0, "cpu").kernel == "torch"
     monkeypatch.setenv("STEINDREAMER_BACKEND", "torch")
-    assert hashgrid_backend("cpu") == "torch"
+    assert hashgrid_backend("cpu", cpu_kernel=hashgrid_cpu.library) == "torch"
 
 
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
@@ -102,10 +102,11 @@ def test_without_a_working_compiler_the_torch_paths_run(compiler, monkeypatch, t
         cache.cache_clear()
     try:
         assert hashgrid_cpu.library() is None and occupancy.library() is None
-        assert hashgrid_backend("cpu") == "torch" and occupancy_backend("cpu") == "torch"
+        assert hashgrid_backend("cpu", cpu_kernel=hashgrid_cpu.library) == "torch"
+        assert occupancy_backend("cpu", cpu_kernel=occupancy.library) == "torch"
         assert make_hashgrid(CFG, 1.0, "cpu").kernel == "torch"
         with pytest.raises(RuntimeError, match="C kernel"):
-            hashgrid_backend("cpu", "cpu")
+            hashgrid_backend("cpu", "cpu", cpu_kernel=hashgrid_cpu.library)
         grid = occupancy.OccupancyGrid(occupancy.OccupancyConfig(resolution=8), 1.0)
         assert grid.select(torch.zeros(5, 3)).tolist() == [0, 1, 2, 3, 4]  # the PyTorch path answers
     finally:

@@ -216,7 +216,7 @@ def test_mesh_field_gradients_reach_geometry_and_texture():
             return torch.sigmoid(self.lin(x))
 
     field = MeshField(verts, faces, PositionColor())
-    out = field.render(orbit_cameras(2, distance=2.0), 32, 32, background=0.5, light_direction=torch.tensor([0.0, 1.0, 1.0]))
+    out = field.render(orbit_cameras(2, distance=2.0), 32, 32, background=0.5, light_direction=torch.tensor([0.0, 1.0, 1.0]), shading="lambertian")
     (out["rgb"].square().mean() + out["depth"].mean() + out["normal"][..., 1].mean()).backward()
     assert field.offsets.grad is not None and field.offsets.grad.abs().sum() > 0
     assert field.texture_field.lin.weight.grad.abs().sum() > 0

@@ -1,6 +1,7 @@
 """The toy world against analytic truth: ray hits, silhouettes, normals, captions, vocabulary."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -125,14 +126,24 @@ def test_held_out_pairs_never_trained():
     assert {c for c, _ in TRAIN_PAIRS} == set(COLOURS) and {s for _, s in TRAIN_PAIRS} == set(SHAPES)
 
 
-def test_check_prompt():
+def test_check_prompt_with_the_builtin_models_vocabulary():
+    from steindreamer.errors import UserError
+    from steindreamer.prompt import check_prompt
+    from steindreamer.toy.model import DIFFUSION_DIR, MODEL_CARD
+
+    # The shipped folder's card is what training writes (the vocabulary lives with the model).
+    assert json.loads((DIFFUSION_DIR / "steindreamer.json").read_text()) == MODEL_CARD
     for text in training_captions()[:40] + ["A Red Cube", "a blue torus, overhead view"]:
-        vocab.check_prompt(text)
-    with pytest.raises(ValueError) as e:
-        vocab.check_prompt("a red dog on a teapot")
+        assert check_prompt(f"  {text} ", str(DIFFUSION_DIR)) == text
+    with pytest.raises(UserError) as e:
+        check_prompt("a red dog on a teapot", str(DIFFUSION_DIR))
     msg = str(e.value)
     assert "\n" not in msg and "'dog'" in msg and "'teapot'" in msg and "'on'" in msg
     assert "'red'" not in msg and "cylinder" in msg  # names only the unknown words, lists the vocabulary
+    assert "overhead" not in msg.split("vocabulary is:")[1]  # view suffixes are ours to add, not the user's words
+    with pytest.raises(UserError, match="at most 14"):
+        check_prompt("a " * 15 + "cube", str(DIFFUSION_DIR))
+    assert check_prompt("a red dog", None) == "a red dog"  # a model without a card: no vocabulary check
 
 
 def test_tokenizer_one_token_per_word():

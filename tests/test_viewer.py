@@ -21,7 +21,9 @@ viser = pytest.importorskip("viser", reason="the viewer needs viser (pip install
 from browser import Browser, find_chromium, red_fraction, red_mask  # noqa: E402
 from steindreamer.cameras import make_cameras  # noqa: E402
 from steindreamer.cli import build_parser, main  # noqa: E402
-from steindreamer.viewer import FrameBudget, ViewerCallback, frame_size, render_frame, viser_to_cameras  # noqa: E402
+from steindreamer.render.volume import render_frame  # noqa: E402
+from steindreamer.runfolder import RunFolder  # noqa: E402
+from steindreamer.viewer import FrameBudget, ViewerCallback, frame_size, viser_to_cameras  # noqa: E402
 
 FAST = ["resolution=16", "render.samples=16", "field.grid.levels=4", "field.grid.log2_table=12", "field.grid.max_res=64",
         "train.val_every=2", "train.ckpt_every=1000", "train.val_views=2", "--quiet"]
@@ -144,7 +146,7 @@ def test_status_and_plots_show_ssd_metrics():
     clock = _Clock()
     viewer = ViewerCallback("127.0.0.1", 0, None, clock=clock)
     port = viewer.server.get_port()
-    stage = SimpleNamespace(step_index=0, cfg=SimpleNamespace(train=SimpleNamespace(steps=10)))
+    stage = SimpleNamespace(name="nerf", step_index=0, cadence=SimpleNamespace(steps=10))
     try:
         for step in range(1, 5):
             stage.step_index = step
@@ -152,7 +154,7 @@ def test_status_and_plots_show_ssd_metrics():
             viewer(stage, {"step": step, "loss": 1.0 / step, "t": 500, "engine": "ssd", "mu": torch.tensor([0.5, 0.7]), "variance": 2.0 * step})
         assert not viewer.errors, viewer.errors
         text = viewer._status.content
-        assert "**step** 4 / 10" in text and "ssd" in text and "μ** 0.6" in text and "**variance** 8" in text
+        assert "**nerf** step 4 / 10" in text and "ssd" in text and "μ** 0.6" in text and "**variance** 8" in text
         assert set(viewer._plots) == {"loss", "SSD control variate"}
         steps, mu, variance = viewer._plots["SSD control variate"].data
         assert steps.tolist() == [1, 2, 3, 4] and np.allclose(mu, 0.6) and variance.tolist() == [2, 4, 6, 8]
@@ -263,14 +265,16 @@ def red_run(tiny_latent_model, tmp_path):
     """A real run folder (one step of `generate`) whose NeRF is then painted red: the blob's
     density stays, the colour head outputs pure red everywhere."""
     from steindreamer.config import load_config, to_yaml
-    from steindreamer.train import run_nerf_stage
+    from steindreamer.pipeline import build_stages
+    from steindreamer.runfolder import RunFolder
+    from steindreamer.stages import run_stage
 
     out = tmp_path / "run"
     out.mkdir()
     # What `generate` leaves after its NeRF stage (config.yaml + checkpoints), without the mesh stage.
     cfg = load_config(None, None, [f"model={tiny_latent_model}", "steps=1", "background.kind=white", *[o for o in FAST if "=" in o]])
     (out / "config.yaml").write_text(to_yaml(cfg))
-    run_nerf_stage("a red cube", cfg, out, show_progress=False)
+    run_stage(build_stages("a red cube", cfg)[1], RunFolder(out), show_progress=False)
     ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
     state = torch.load(ckpt, weights_only=True)
     last = max(k for k in state["field"] if k.startswith("net.") and k.endswith(".weight"))
@@ -302,7 +306,8 @@ def test_view_run_folder_in_browser(chromium, red_run, tmp_path):
 
 def test_viewer_callback_during_training(chromium, tiny_latent_model, tmp_path):
     from steindreamer.config import load_config
-    from steindreamer.train import StopTraining, run_nerf_stage
+    from steindreamer.pipeline import generate
+    from steindreamer.stages import StopTraining
 
     run_dir = tmp_path / "live"
     run_dir.mkdir()
@@ -322,7 +327,7 @@ def test_viewer_callback_during_training(chromium, tiny_latent_model, tmp_path):
             raise StopTraining
 
     errors = []
-    thread = threading.Thread(target=lambda: _catch(errors, run_nerf_stage, "a red cube", cfg, run_dir, show_progress=False, callbacks=(timed, stopper)))
+    thread = threading.Thread(target=lambda: _catch(errors, generate, "a red cube", cfg, run_dir, show_progress=False, callbacks=(timed, stopper)))
     thread.start()
     try:
         with _open(viewer.url) as browser:
@@ -380,8 +385,53 @@ def test_viewer_callback_during_training(chromium, tiny_latent_model, tmp_path):
     assert torch.load(viewer.last_snapshot, weights_only=True)["step"] >= 1
 
 
+def test_viewer_gets_frames_during_the_mesh_stage(chromium, tiny_latent_model, tmp_path):
+    """The one loop calls the viewer in both stages: frames keep reaching the browser once the
+    NeRF stage has ended and the mesh stage trains, drawn from the mesh (`MeshStage.preview`)."""
+    from steindreamer.config import load_config
+    from steindreamer.pipeline import generate
+    from steindreamer.stages import StopTraining
+
+    run_dir = tmp_path / "live"
+    run_dir.mkdir()
+    cfg = load_config(None, None, [f"model={tiny_latent_model}", "steps=2", "mesh.enabled=true", "mesh.steps=100000",
+                                   "mesh.resolution=16", "mesh.target_faces=500", *[o for o in FAST if "=" in o]])
+    viewer = ViewerCallback("127.0.0.1", 0, run_dir, resolution=64)
+    port = viewer.server.get_port()
+    seen: dict[str, int] = {}  # stage name -> frames sent while that stage trained
+    stop = threading.Event()
+
+    def counting(stage, info):
+        before = viewer.frames
+        viewer(stage, info)
+        seen[stage.name] = seen.get(stage.name, 0) + viewer.frames - before
+        if stop.is_set():
+            raise StopTraining
+
+    errors, result = [], {}
+    thread = threading.Thread(target=lambda: result.update(_catch(errors, generate, "a red cube", cfg, run_dir, show_progress=False,
+                                                                  callbacks=(counting,)) or {}))
+    thread.start()
+    try:
+        with _open(viewer.url):
+            deadline = time.monotonic() + 90
+            while seen.get("mesh", 0) < 3 and time.monotonic() < deadline and thread.is_alive():
+                time.sleep(0.2)
+            assert not errors, errors
+            assert seen.get("mesh", 0) >= 3, f"frames per stage: {seen}; viewer errors: {viewer.errors}"
+            assert "mesh" in viewer._status.content
+    finally:
+        stop.set()
+        thread.join(60)
+        viewer.close()
+    assert not errors and not viewer.errors, (errors, viewer.errors)
+    assert result.get("stopped") is True  # a stop during the mesh stage exports nothing
+    assert not (run_dir / "model.glb").exists() and RunFolder(run_dir).latest("mesh") is not None
+    assert _free(port)
+
+
 def _catch(errors, fn, *args, **kwargs):
     try:
-        fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     except BaseException as err:  # noqa: BLE001 - surfaced by the test thread
         errors.append(err)

@@ -1,8 +1,12 @@
-"""VSD's LoRA particle model on a tiny random UNet2DConditionModel (NOTES.md config)."""
+"""VSD's LoRA particle model on a tiny random UNet2DConditionModel (blocks (32, 64), one layer
+each, cross-attention dim 32, 8 norm groups: ~0.8 M parameters, built offline from its config)."""
 import pytest
 import torch
 
-from steindreamer.guidance.lora import VSDLora, drop_pose, training_target
+import torch.nn.functional as F
+
+from steindreamer.guidance.lora import VSDLora, drop_pose
+from steindreamer.guidance.schedule import NoiseSchedule
 
 
 def tiny_unet(seed=0):
@@ -20,6 +24,10 @@ def scheduler(prediction_type):
 
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
+
+
+def schedule(prediction_type):
+    return NoiseSchedule.from_scheduler(scheduler(prediction_type))
 
 
 def batch(seed=1, b=2):
@@ -41,7 +49,7 @@ def test_pretrained_output_unchanged_and_lora_differs_after_training():
     assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
-        vsd.train_step(lat, text, pose, scheduler("epsilon"), gen)
+        vsd.train_step(lat, text, pose, schedule("epsilon"), gen)
     with torch.no_grad():
         pre = vsd.pretrained(lat, t, text)
         lora = vsd.predict(lat, t, text, pose)
@@ -68,7 +76,7 @@ def test_train_step_reduces_loss_on_fixed_batch(prediction_type):
     unet = tiny_unet()
     lat, text, pose, _ = batch(b=2)
     vsd = VSDLora(unet, rank=4, lr=1e-2)
-    sch = scheduler(prediction_type)
+    sch = schedule(prediction_type)
 
     def fixed_loss():  # same t, noise and pose-dropout draws every time
         with torch.no_grad():
@@ -80,14 +88,47 @@ def test_train_step_reduces_loss_on_fixed_batch(prediction_type):
     assert fixed_loss() < 0.9 * start
 
 
-def test_training_target_follows_prediction_type():
-    lat, _, _, t = batch()
-    noise = torch.randn_like(lat)
-    assert torch.equal(training_target(scheduler("epsilon"), lat, noise, t), noise)
-    sch = scheduler("v_prediction")
-    a = sch.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
-    s = (1 - sch.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    torch.testing.assert_close(training_target(sch, lat, noise, t), a * noise - s * lat)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_is_diffusers_denoising_loss(prediction_type, monkeypatch):
+    """The loss noises and targets with the NoiseSchedule; in float32 it is bit for bit the loss built
+    from diffusers' add_noise / get_velocity with the same draws (t, noise, pose dropout). (In float16
+    diffusers rounds alpha_bar to half first; the schedule computes in float32 and rounds once.)"""
+    unet = tiny_unet()
+    lat, text, pose, _ = batch(b=3)
+    vsd = VSDLora(unet, rank=4, lr=1e-2)
+    vsd.train_step(lat, text, pose, schedule(prediction_type), torch.Generator().manual_seed(5))  # LoRA != 0
+    seen = []
+    real = vsd.predict
+    monkeypatch.setattr(vsd, "predict", lambda x, t, e, p: (seen.append((x, t, p)), real(x, t, e, p))[1])
+    with torch.no_grad():
+        loss = vsd.loss(lat, text, pose, schedule(prediction_type), torch.Generator().manual_seed(9))
+        sch, g = scheduler(prediction_type), torch.Generator().manual_seed(9)
+        t = torch.randint(0, 1000, (3,), generator=g)
+        noise = torch.randn(lat.shape, generator=g)
+        x_t = sch.add_noise(lat, noise, t)
+        target = noise if prediction_type == "epsilon" else sch.get_velocity(lat, noise, t)
+        want = F.mse_loss(real(x_t, t, text, drop_pose(pose, vsd.pose_dropout, g)), target)
+    assert torch.equal(seen[0][1], t)
+    assert torch.equal(seen[0][0], x_t) and torch.equal(loss, want)  # float32: the same operations
+
+
+def test_adapters_disabled_is_the_pretrained_unet_and_restores_adapters():
+    unet = tiny_unet()
+    lat, text, pose, t = batch()
+    with torch.no_grad():
+        before = unet(lat, t, encoder_hidden_states=text).sample
+    vsd = VSDLora(unet, rank=4, lr=1e-2)
+    for _ in range(2):
+        vsd.train_step(lat, text, pose, schedule("epsilon"), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lora_nohook = unet(lat, t, encoder_hidden_states=text).sample
+        with vsd.adapters_disabled():
+            assert torch.equal(unet(lat, t, encoder_hidden_states=text).sample, before)
+        assert torch.equal(unet(lat, t, encoder_hidden_states=text).sample, lora_nohook)  # adapters back on
+        with pytest.raises(RuntimeError), vsd.adapters_disabled():
+            raise RuntimeError("boom")
+        assert torch.equal(unet(lat, t, encoder_hidden_states=text).sample, lora_nohook)
+    assert not torch.equal(lora_nohook, before)
 
 
 def test_pose_dropout_rate_and_zeroing():
@@ -112,6 +153,6 @@ def test_train_step_applies_pose_dropout(monkeypatch):
     lat = torch.randn(16, 4, 8, 8, generator=g)
     text = torch.randn(16, 5, 32, generator=g)
     pose = torch.randn(16, 4, 4, generator=g)
-    vsd.train_step(lat, text, pose, scheduler("epsilon"), g)
+    vsd.train_step(lat, text, pose, schedule("epsilon"), g)
     zero = (seen[0].flatten(1) == 0).all(1)
     assert 0 < int(zero.sum()) < 16 and torch.equal(seen[0][~zero], pose[~zero])

@@ -12,7 +12,8 @@ def tiny_tokenizer(max_length: int = 32):
     from transformers import CLIPTokenizer
 
     # Character-level BPE vocabulary (no merges): every ASCII prompt tokenizes, offline.
-    # transformers 5 ignores vocab_file=/merges_file= here; vocab=/merges= work (NOTES.md).
+    # transformers 5 silently ignores vocab_file=/merges_file= here (a 3-token vocabulary, every
+    # prompt maps to end-of-text); vocab=/merges= work.
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in string.ascii_lowercase + string.digits + ",.-'":
         vocab.setdefault(ch, len(vocab))
@@ -46,7 +47,7 @@ def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str 
 
 
 def build_tiny_depth(folder: Path, seed: int = 0) -> Path:
-    """A tiny random DPT depth estimator (NOTES.md: 4 layers for 4 distinct backbone_out_indices)."""
+    """A tiny random DPT depth estimator (DPT needs 4 distinct backbone_out_indices, hence 4 layers)."""
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
     torch.manual_seed(seed)

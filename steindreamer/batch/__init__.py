@@ -15,9 +15,9 @@ batch left `running` from their last checkpoint, and retries failed ones only wi
 
 Modules: `prompts` (reading PROMPTS), `ledger` (the ledger and the folder lock), `jobs` (one item's
 subprocess), `executors` (local or Ray), `runner` (the driver loop and progress), `gallery`
-(summary.json and index.html), `command` (the arguments, `main`, `run_cli`).
+(summary.json and index.html), `command` (the arguments and `main`).
 """
-from .command import add_parser, main, run_cli
+from .command import add_parser, main
 from .executors import LocalExecutor, RayExecutor
 from .jobs import ERROR_MAX, Job, ended, failure_line, latest_checkpoint_step, run_job_blocking, spawn
 from .ledger import LEDGER, SCHEMA_VERSION, BatchLock, Ledger
@@ -26,4 +26,4 @@ from .runner import POLL_S, Runner
 
 __all__ = ["DEFAULT_PRESET", "ERROR_MAX", "LEDGER", "POLL_S", "SCHEMA_VERSION", "BatchLock", "Item", "Job", "Ledger",
            "LocalExecutor", "RayExecutor", "Runner", "add_parser", "ended", "failure_line", "latest_checkpoint_step", "main",
-           "read_prompts", "run_cli", "run_job_blocking", "spawn"]
+           "read_prompts", "run_job_blocking", "spawn"]

@@ -1,9 +1,7 @@
-"""The `batch` command: its arguments, `main` (the CLI's entry) and `run_cli` (standalone, also
-`python -m steindreamer.batch`)."""
+"""The `batch` command: its arguments and `main` (the CLI's entry)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -63,22 +61,3 @@ def main(args) -> int:
             return runner.run()
     finally:
         executor.close()
-
-
-def run_cli(argv: list[str]) -> int:
-    """`steindreamer batch ...` exactly as the CLI runs it: parse, one-line errors, exit 2."""
-    from ..cli import EXIT_USAGE, _Parser
-
-    try:
-        parser = _Parser(prog="steindreamer")
-        sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-        add_parser(sub)
-        args, extra = parser.parse_known_args(["batch", *argv])
-        stray = [e for e in extra if e.startswith("-") or "=" not in e]
-        if stray:
-            raise UserError(f"steindreamer: unrecognized arguments: {' '.join(stray)}")
-        args.overrides = list(args.overrides) + extra
-        return main(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE

@@ -27,13 +27,10 @@ class Job:
 
 
 def latest_checkpoint_step(run_dir: Path) -> int | None:
-    from ..train import CKPT_PREFIX
+    """The step of the item's newest NeRF checkpoint (where a resumed item starts), or None."""
+    from ..runfolder import RunFolder
 
-    found = sorted((run_dir / "checkpoints").glob(f"{CKPT_PREFIX}*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    try:
-        return int(found[-1].stem[len(CKPT_PREFIX):]) if found else None
-    except ValueError:
-        return None
+    return RunFolder(run_dir).latest_step("nerf")
 
 
 def _pdeathsig_setter():

@@ -71,7 +71,7 @@ def read_prompts(path: Path, preset: str | None, config_file: str | None, overri
     """Parse and validate every line before anything runs: a typo on line 900 is exit 2 now, not a
     failure hours later. Per-item configs are checked too (cheap: no model is loaded)."""
     from ..config import load_config
-    from ..train import check_prompt
+    from ..prompt import check_prompt
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -101,7 +101,7 @@ def read_prompts(path: Path, preset: str | None, config_file: str | None, overri
         else:
             prompt, item_overrides = line, []
         try:
-            check_prompt(prompt, builtin=False)  # the built-in model's vocabulary is the child's to check
+            check_prompt(prompt)  # a model's vocabulary is the child's to check: a failed item, not a failed batch
             cfg = load_config(preset, config_file, overrides + item_overrides) if item_overrides else base
         except UserError as err:
             raise UserError(f"{where}: {err}") from None

@@ -28,6 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 
 class ExtractionError(ValueError):
     """No usable surface; the message is one line naming the threshold and the density range seen."""
@@ -230,3 +232,17 @@ def extract_mesh(
         },
     }
     return v_out, f_out, info
+
+
+@torch.no_grad()
+def extract_field_surface(field, mesh_cfg) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`extract_mesh` of a NeRF field with the mesh stage's settings (`mesh_cfg`: grid_resolution,
+    threshold (< 0: automatic), min_component_fraction, target_faces); a field with no surface is the
+    user's one-line error."""
+    m, device = mesh_cfg, next(field.parameters()).device
+    try:
+        return extract_mesh(lambda x: field.density(x.to(device)).float(), field.cfg.bound, resolution=m.grid_resolution,
+                            threshold=None if m.threshold < 0 else m.threshold, min_component_fraction=m.min_component_fraction,
+                            target_faces=m.target_faces)
+    except ExtractionError as err:
+        raise UserError(f"mesh extraction failed: {err}") from None

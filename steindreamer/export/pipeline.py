@@ -101,6 +101,7 @@ def turntable_frames(
     frames = []
     with torch.no_grad():
         for i in range(0, n_frames, batch):
-            out = field.render(cams[i : i + batch], size, size, background=background, light_direction=light_direction)
+            out = field.render(cams[i : i + batch], size, size, background=background, light_direction=light_direction,
+                               shading="albedo" if light_direction is None else "lambertian")
             frames += list((out["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
     return frames

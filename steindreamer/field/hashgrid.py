@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..backends import hashgrid_backend
+from ..errors import UserError, require, require_choice
+from . import hashgrid_cpu
+
+log = logging.getLogger(__name__)
+
+# auto | torch | tcnn (CUDA) | triton (CUDA, fused Triton kernel) | cpu (fused C kernel)
+GridBackend = Literal["auto", "torch", "tcnn", "triton", "cpu"]
+GRID_BACKENDS = get_args(GridBackend)
 
 # Instant-NGP's spatial-hash primes (the first is 1 so the x coordinate stays coherent in memory).
 _PRIMES = (1, 2654435761, 805459861)
@@ -20,16 +30,24 @@ _PRIMES32 = tuple(p - 2**32 if p >= 2**31 else p for p in _PRIMES)  # the same b
 
 @dataclass
 class HashGridConfig:
-    levels: int = 16
+    levels: int = 16  # resolution levels, base_res to max_res in a geometric series
     features: int = 2  # per level
     log2_table: int = 19  # hash table size per level = 2^log2_table
-    base_res: int = 16
-    max_res: int = 2048
-    backend: str = "auto"  # auto | torch | tcnn (CUDA) | triton (CUDA, fused Triton kernel) | cpu (fused C kernel)
-    # torch.compile the torch encoding (fused kernels) wherever points need no second derivative,
-    # i.e. everywhere but normals, and the C kernel is not in use. Costs a one-off compile (~30 s on
-    # 2 CPU cores), so it pays on long runs, not on the toy preset's 600 steps.
+    base_res: int = 16  # grid resolution of the coarsest level
+    max_res: int = 2048  # grid resolution of the finest level
+    backend: GridBackend = "auto"  # see GridBackend; "auto" picks in steindreamer.backends
+    # torch.compile the PyTorch encoding where points need no second derivative (everywhere but
+    # normals). Applies only where the PyTorch path serves the encoding: backend=torch, or auto
+    # where no fused kernel is available (no C compiler on CPU; neither tinycudann nor Triton on
+    # CUDA). Beside a fused kernel it has no effect: make_hashgrid warns (auto) or refuses (a
+    # fused backend named). Costs a one-off compile (~30 s on 2 CPU cores): pays on long runs only.
     compile: bool = False
+
+    def check(self, key: str = "field.grid") -> None:
+        require(self.levels >= 1 and self.features >= 1, f"{key}.levels/features", ">= 1")
+        require(1 <= self.log2_table <= 24, f"{key}.log2_table", "in [1, 24]")
+        require(1 <= self.base_res <= self.max_res, f"{key}.base_res/max_res", "1 <= base_res <= max_res")
+        require_choice(self.backend, GRID_BACKENDS, f"{key}.backend")
 
 
 def level_resolutions(cfg: HashGridConfig) -> list[int]:
@@ -67,15 +85,6 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("offsets", column([sum(sizes[:i]) for i in range(len(sizes))], torch.int32), persistent=False)
         self.register_buffer("hashed", torch.tensor([(r + 1) ** 3 > table for r in self.resolutions]), persistent=False)
         self.table = nn.Parameter(torch.empty(sum(sizes), cfg.features).uniform_(-1e-4, 1e-4))
-
-    def vertex_index(self, vertex: torch.Tensor) -> torch.Tensor:
-        """Table row (within its level, before the level offset) of integer grid vertices [N, L, K, 3],
-        in int64 arithmetic: a reference for encode()'s int32 indices."""
-        res1 = self.res1.long()  # [L, 1] broadcasts over [N, L, K]
-        dense = vertex[..., 0] + vertex[..., 1] * res1 + vertex[..., 2] * res1 * res1
-        # int64 products keep the low 32 bits of Instant-NGP's uint32 hash; the table size is a power of 2.
-        h = (vertex[..., 0] * _PRIMES[0]) ^ (vertex[..., 1] * _PRIMES[1]) ^ (vertex[..., 2] * _PRIMES[2])
-        return torch.where(self.hashed.view(-1, 1), h & (2**self.cfg.log2_table - 1), dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
@@ -223,7 +232,11 @@ class TcnnHashGridEncoding(nn.Module):
 
 
 def make_hashgrid(cfg: HashGridConfig, bound: float, device) -> nn.Module:
-    backend = hashgrid_backend(device, cfg.backend)
+    if cfg.compile and cfg.backend in ("cpu", "tcnn", "triton"):
+        raise UserError(f"field.grid.compile=true applies to the PyTorch encoding only, not to field.grid.backend={cfg.backend} (use backend=torch, or compile=false)")
+    backend = hashgrid_backend(device, cfg.backend, cpu_kernel=hashgrid_cpu.library)
+    if cfg.compile and backend != "torch":
+        log.warning("field.grid.compile=true has no effect: the fused '%s' kernel serves the hash grid here (field.grid.backend=torch to compile the PyTorch encoding)", backend)
     if backend == "tcnn":
         return TcnnHashGridEncoding(cfg, bound)
     return HashGridEncoding(cfg, bound, kernel=backend if backend in ("cpu", "triton") else "torch")

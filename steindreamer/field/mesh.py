@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from steindreamer.render.raster import interpolate, rasterize, world_to_clip
+from steindreamer.render.shading import shade
 
 
 def _edges(faces: np.ndarray) -> np.ndarray:
@@ -86,12 +87,14 @@ class MeshField(torch.nn.Module):
         background: torch.Tensor | float | None = None,
         light_direction: torch.Tensor | None = None,
         ambient: float = 0.3,
+        shading: str = "albedo",
     ) -> dict[str, torch.Tensor]:
         """Render `cameras` (steindreamer.cameras.Cameras, B views) at height x width.
 
         background: None (white), a float grey level, an RGB [3], or images [B, H, W, 3].
-        light_direction: None for albedo only; else a world direction [3] or [B, 3] towards the light,
-        and the colour is albedo * (ambient + (1 - ambient) * max(0, n.l)) (Lambertian).
+        shading: a mode of render.shading.shade (albedo, lambertian, textureless), the same shading
+        as the NeRF renderer's; lambertian and textureless need light_direction, a world direction
+        [3] or [B, 3] towards the light.
         Returns rgb [B,H,W,3], opacity [B,H,W,1], depth [B,H,W,1] (distance from the camera centre
         along the ray, as the NeRF renderer's depth with unit ray directions; 0 where empty),
         disparity [B,H,W,1] (1/depth, 0 where empty), normal [B,H,W,3] (world, unit, 0 where empty)."""
@@ -113,11 +116,12 @@ class MeshField(torch.nn.Module):
         if sel.numel() > 0:
             albedo = albedo.index_put((sel,), self.texture_field(position.reshape(-1, 3)[sel]).to(verts.dtype))
         albedo = albedo.view(b, height, width, 3)
-        color = albedo
-        if light_direction is not None:
-            light = F.normalize(torch.as_tensor(light_direction, dtype=verts.dtype, device=device).reshape(-1, 3), dim=-1)
-            lambert = (normal * light.view(-1, 1, 1, 3)).sum(-1, keepdim=True).clamp_min(0.0)
-            color = albedo * (ambient + (1.0 - ambient) * lambert)
+        light = None
+        if shading != "albedo":
+            if light_direction is None:
+                raise ValueError(f"shading={shading!r} needs a light_direction")
+            light = F.normalize(torch.as_tensor(light_direction, dtype=verts.dtype, device=device).reshape(-1, 3), dim=-1).view(-1, 1, 1, 3)
+        color = shade(albedo, normal, light, shading, ambient)
 
         bg = self._background(background, b, height, width, verts)
         rgb = color * maskf + bg * (1.0 - maskf)

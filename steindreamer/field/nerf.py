@@ -3,29 +3,42 @@ density blob at the origin, and the background models."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from ..errors import require, require_choice
 from ..render.occupancy import OccupancyConfig, OccupancyGrid
 from .hashgrid import HashGridConfig, make_hashgrid
+
+BackgroundKind = Literal["mlp", "white", "black"]  # mlp: an environment map on the view direction
 
 
 @dataclass
 class FieldConfig:
     grid: HashGridConfig = field(default_factory=HashGridConfig)
-    hidden: int = 64
+    hidden: int = 64  # width of the density/albedo MLP
     layers: int = 1  # hidden layers of the density/albedo MLP
     bound: float = 1.0  # radius of the scene sphere; the field lives in [-bound, bound]^3
     blob_density: float = 10.0  # Magic3D blob: density bias scale * (1 - |x| / radius) ...
-    blob_radius: float = 0.5
+    blob_radius: float = 0.5  # ... inside this radius (world units)
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)  # skip empty space when rendering
+
+    def check(self, key: str = "field") -> None:
+        require(self.bound > 0 and self.blob_radius > 0, f"{key}.bound/blob_radius", "> 0")
+        self.grid.check(f"{key}.grid")
+        self.occupancy.check(f"{key}.occupancy")
 
 
 @dataclass
 class BackgroundConfig:
-    kind: str = "mlp"  # mlp (environment map on the view direction) | white | black
+    kind: BackgroundKind = "mlp"
     random_p: float = 0.5  # probability per step of a random solid colour instead (training only)
+
+    def check(self, key: str = "background") -> None:
+        require_choice(self.kind, get_args(BackgroundKind), f"{key}.kind")
+        require(0.0 <= self.random_p <= 1.0, f"{key}.random_p", "in [0, 1]")
 
 
 def mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Sequential:
@@ -83,3 +96,15 @@ class Background(nn.Module):
         ang = dirs[..., None, :] * freqs[:, None]  # [..., F, 3]
         enc = torch.cat([dirs, ang.sin().flatten(-2), ang.cos().flatten(-2)], -1)
         return torch.sigmoid(self.net(enc))
+
+
+class AlbedoField(nn.Module):
+    """A NeRF field's albedo head as a points -> RGB map: the mesh stage's texture and the colour
+    that export bakes."""
+
+    def __init__(self, nerf_field: NeRFField):
+        super().__init__()
+        self.field = nerf_field
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.field(x)[1]

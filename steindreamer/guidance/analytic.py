@@ -1,6 +1,7 @@
 """Analytic harness: targets with closed-form noised scores under Stable Diffusion's schedule.
 
-p_0 is a diagonal Gaussian mixture in R^d; after x_t = alpha_t x_0 + sigma_t eps every component is
+p_0 is a diagonal Gaussian mixture in R^d; after x_t = alpha_t x_0 + sigma_t eps (alpha_t, sigma_t from
+`sd_schedule().alpha_sigma(t)`) every component is
 N(alpha m_k, alpha^2 s_k^2 + sigma^2), so the exact noise prediction eps_hat = -sigma grad log p_t and
 the density are closed form. Used by tests and variance benchmarks in place of a diffusion model.
 """
@@ -11,18 +12,13 @@ import math
 import torch
 import torch.nn as nn
 
-
-def sd_alphas_cumprod(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
-                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Stable Diffusion's "scaled_linear" schedule: betas linear in sqrt, alpha_bar = prod(1 - beta)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, 0).to(dtype)
+from .schedule import NoiseSchedule
 
 
-def alpha_sigma(t: torch.Tensor | int, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) (t indexes the schedule)."""
-    ab = alphas_cumprod[t]
-    return ab.sqrt(), (1.0 - ab).sqrt()
+def sd_schedule(dtype: torch.dtype = torch.float64) -> NoiseSchedule:
+    """Stable Diffusion's schedule (scaled_linear, 0.00085..0.012, 1000 steps), computed in float64
+    by default: the harness's closed forms are checked to Monte-Carlo precision, not to float32's."""
+    return NoiseSchedule.scaled_linear(1000, 0.00085, 0.012, dtype=dtype)
 
 
 def diffuse(x: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tensor:

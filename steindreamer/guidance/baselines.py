@@ -1,4 +1,4 @@
-"""Stein baselines phi(x_t) and their gradients d phi / d x_t (METHOD.md, "The depth baseline").
+"""Stein baselines phi(x_t) and their gradients d phi / d x_t (docs/method.md, "Baselines").
 
 Every baseline returns (phi [B], grad_phi shaped like x_t), both detached. phi may depend on the
 noise only through x_t, and the gradient is taken by autograd with x_t a fresh detached leaf, so no
@@ -31,13 +31,6 @@ _HALF_NORM_TYPES = {"dpt", "zoedepth"}
 def constant_baseline(x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """phi == 1: h = -eps, so SSD with mu = 1 is SDS."""
     return x_t.new_ones(x_t.shape[0]), torch.zeros_like(x_t)
-
-
-def disparity_from_depth(depth: torch.Tensor, opacity: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Disparity 1/depth where the NeRF is opaque, 0 elsewhere (monocular estimators predict relative
-    inverse depth). Detached: the baseline must not have a graph to theta."""
-    depth, opacity = depth.detach(), opacity.detach()
-    return torch.where(opacity > eps, 1.0 / depth.clamp_min(eps), torch.zeros_like(depth))
 
 
 def weighted_pearson(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..fsio import atomic_save
 from .engines import cfg_combine
+from .schedule import NoiseSchedule
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -114,9 +115,10 @@ class DiffusionGuidance:
         for module in (self.unet, self.vae):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
-        self.prediction_type = self.scheduler.config.prediction_type
-        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        try:
+            self.schedule = NoiseSchedule.from_scheduler(self.scheduler, device)  # all noise maths
+        except ValueError as err:
+            raise UserError(f"cannot use the diffusion model's scheduler ({self.location}): {err}") from None
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.sample_size = int(self.unet.config.sample_size)
         self.image_size = self.sample_size * self.vae_scale  # the resolution the model works at
@@ -183,30 +185,36 @@ class DiffusionGuidance:
             return z
         return self.vae.decode(z / self.vae.config.scaling_factor).sample
 
-    # --- noise --------------------------------------------------------------------------------------
+    # --- noise: thin delegates to self.schedule (NoiseSchedule owns the maths) -----------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.schedule.alphas_cumprod
+
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        abar = self.alphas_cumprod[t]
-        return abar.sqrt(), (1.0 - abar).sqrt()
+        return self.schedule.alpha_sigma(t)
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = self.alpha_sigma(t)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        return (a.view(shape) * x.float() + s.view(shape) * noise.float()).to(x.dtype)
+        return self.schedule.add_noise(x, noise, t)
 
     def weight(self, t: torch.Tensor, weighting: str = "sigma2") -> torch.Tensor:
-        return (1.0 - self.alphas_cumprod[t]) if weighting == "sigma2" else torch.ones_like(t, dtype=torch.float32)
+        return self.schedule.weight(t, weighting)
+
+    def sample_t(self, batch: int, t_min: float, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.schedule.sample_t(batch, t_min, t_max, generator)
 
     def unet_eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
         """One UNet call, converted to an epsilon prediction whatever the model predicts."""
         x_in = x_t.to(self.dtype).contiguous(memory_format=torch.channels_last)
         out = self.unet(x_in, t, encoder_hidden_states=emb, **unet_kwargs).sample.float().contiguous()
-        if self.prediction_type == "epsilon":
-            return out
-        if self.prediction_type == "v_prediction":  # eps = alpha v + sigma x_t
-            a, s = self.alpha_sigma(t)
-            shape = (-1,) + (1,) * (x_t.dim() - 1)
-            return a.view(shape) * out + s.view(shape) * x_t.float()
-        raise UserError(f"unsupported prediction_type '{self.prediction_type}' (epsilon or v_prediction)")
+        return self.schedule.eps_from_output(out, x_t, t)
 
     @torch.no_grad()
     def predict_eps_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -215,11 +223,6 @@ class DiffusionGuidance:
         eps = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)]))
         eps_c, eps_u = eps[:b], eps[b:]
         return cfg_combine(eps_u, eps_c, scale)
-
-    def sample_t(self, batch: int, t_min: float, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        lo = max(int(t_min * self.num_train_timesteps), 0)
-        hi = min(int(t_max * self.num_train_timesteps), self.num_train_timesteps - 1)
-        return torch.randint(lo, hi + 1, (batch,), generator=generator).to(self.device)
 
 
 def _load_tokenizer(location: str):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ..config import GuidanceConfig
+from .config import GuidanceConfig
 from .baselines import constant_baseline, depth_baseline, normal_baseline
 from .diffusion import DiffusionGuidance
-from .engines import control_variate, eps_from_model_output, sanitize, sds, vsd
+from .engines import control_variate, sanitize, sds, vsd
 
 
 class Distiller:
@@ -22,28 +22,25 @@ class Distiller:
         if cfg.engine == "ssd":
             from .stein import LaggedJointMu, LaggedMu
 
-            self.mu = LaggedJointMu(cfg.mu_decay) if cfg.keep_sds_cv else LaggedMu(cfg.mu_shape, cfg.mu_decay, cfg.mu_init)
-            if cfg.baseline != "constant":
+            self.mu = LaggedJointMu(cfg.ssd.mu_decay) if cfg.ssd.keep_sds_cv else LaggedMu(cfg.ssd.mu_shape, cfg.ssd.mu_decay, cfg.ssd.mu_init)
+            if cfg.ssd.baseline != "constant":
                 from .depth import load_depth_estimator
 
-                self.estimate = load_depth_estimator(cfg.depth_model, guidance.device, guidance.dtype)
+                self.estimate = load_depth_estimator(cfg.ssd.depth_model, guidance.device, guidance.dtype)
         elif cfg.engine == "vsd":
             from .lora import VSDLora
 
-            self.lora = VSDLora(guidance.unet, rank=cfg.lora_rank, lr=cfg.lora_lr, pose_dropout=cfg.pose_drop_p)
+            self.lora = VSDLora(guidance.unet, rank=cfg.vsd.lora_rank, lr=cfg.vsd.lora_lr, pose_dropout=cfg.vsd.pose_drop_p)
 
     @property
     def needs_normals(self) -> bool:
-        return self.cfg.engine == "ssd" and self.cfg.baseline == "normal"
+        return self.cfg.engine == "ssd" and self.cfg.ssd.baseline == "normal"
 
     def _eps_pretrained(self, x_t, t, cond, uncond) -> torch.Tensor:
         if self.lora is None:
             return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale)
-        self.guidance.unet.disable_adapters()  # the frozen model's score, not the LoRA's
-        try:
+        with self.lora.adapters_disabled():  # the frozen model's score, not the LoRA's
             return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale)
-        finally:
-            self.guidance.unet.enable_adapters()
 
     def gradient(self, x: torch.Tensor, render: dict, cameras, cond, uncond, t, noise, update: bool = True,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -61,7 +58,7 @@ class Distiller:
         elif g.engine == "ssd":
             h, phi = self._control_variate(x_t, noise, t, render, cameras)
             mu_used = self.mu.summary()  # the mu applied to this sample (fitted on earlier steps)
-            if g.keep_sds_cv:
+            if g.ssd.keep_sds_cv:
                 nu_used = self.mu.coefficients()[1]
                 grad = self.mu.apply(eps, h, noise, weight, update=update)
                 logs["nu"] = nu_used
@@ -69,13 +66,12 @@ class Distiller:
                 grad = self.mu.apply(eps, h, weight, update=update)
             logs.update(mu=mu_used, phi=float(phi.mean()))
         else:  # vsd
-            a, s = guide.alpha_sigma(t)
             with torch.no_grad():
                 out = self.lora.predict(x_t.to(guide.dtype), t, cond, cameras.flat_pose().to(x_t.device, guide.dtype))
-                eps_lora = eps_from_model_output(out.float(), x_t, a, s, guide.prediction_type)
+                eps_lora = guide.schedule.eps_from_output(out.float(), x_t, t)
             grad = vsd(eps, eps_lora, weight)
             if update:
-                logs["lora_loss"] = self.lora.train_step(x0.to(guide.dtype), cond, cameras.flat_pose().to(x0.device, guide.dtype), guide.scheduler, generator)
+                logs["lora_loss"] = self.lora.train_step(x0.to(guide.dtype), cond, cameras.flat_pose().to(x0.device, guide.dtype), guide.schedule, generator)
         grad, finite = sanitize(grad, g.grad_clip)
         logs["finite"] = finite
         return grad, logs
@@ -84,9 +80,9 @@ class Distiller:
         g, guide = self.cfg, self.guidance
         _, sigma = guide.alpha_sigma(t)
         decode = guide.decode if guide.vae is not None else None
-        if g.baseline == "constant":
+        if g.ssd.baseline == "constant":
             phi, grad_phi = constant_baseline(x_t)
-        elif g.baseline == "depth":
+        elif g.ssd.baseline == "depth":
             disparity = render["disparity"].permute(0, 3, 1, 2)
             opacity = render["opacity"].permute(0, 3, 1, 2)
             phi, grad_phi = depth_baseline(x_t.to(guide.dtype), disparity, opacity, self.estimate, decode)
@@ -109,6 +105,6 @@ class Distiller:
     def load_state_dict(self, state: dict) -> None:
         if self.mu is not None and "mu" in state:
             mu = state["mu"]
-            self.mu.load_state_dict(mu if self.cfg.keep_sds_cv else {"eh": mu.get("eh"), "hh": mu.get("hh"), "n": mu.get("n", 0)})
+            self.mu.load_state_dict(mu if self.cfg.ssd.keep_sds_cv else {"eh": mu.get("eh"), "hh": mu.get("hh"), "n": mu.get("n", 0)})
         if self.lora is not None and "lora" in state:
             self.lora.load_state_dict(state["lora"])

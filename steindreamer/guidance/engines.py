@@ -1,4 +1,4 @@
-"""Distillation estimators as pure functions (see shared METHOD.md).
+"""Distillation estimators as pure functions (the maths: docs/method.md).
 
 Each engine maps tensors to an image-space gradient G (same shape as the rendered image or its
 latent). `injected_loss` pushes any G into the 3D parameters with one backward pass through the
@@ -10,6 +10,7 @@ renderer. Nothing here holds state or touches a model: callers compute the noise
     vsd               G = w h(r) (eps_pre - eps_lora)          (h from f_divergence_weight; None: VSD)
 Stateful helpers live elsewhere: stein.LaggedMu (mu from past steps), lora.VSDLora (eps_lora),
 baselines (phi, grad_phi), variance (the gradient-variance meter), analytic (test targets).
+Noise maths (alpha_t, sigma_t, noising, model output -> eps) live in schedule.NoiseSchedule.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _bcast(w: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Stein Score Distillation (METHOD.md, "SSD"). Sign convention, fixed here once for the project:
+# Stein Score Distillation (docs/method.md, "SSD"). Sign convention, fixed here once for the project:
 #     h = sigma_t * grad_phi - eps * phi          (zero mean by Stein's identity)
 #     G_SSD = w(t) (eps_hat + mu * h)
 # so phi == 1 gives h = -eps and mu = 1 gives exactly G_SDS = w(t) (eps_hat - eps).
@@ -95,17 +96,3 @@ def f_divergence_weight(kind: str, r: torch.Tensor, normalize: bool = True) -> t
         raise ValueError(f"unknown f-divergence {kind!r}; expected one of {F_DIVERGENCES}")
     return h / h.mean().clamp_min(torch.finfo(h.dtype).tiny) if normalize else h
 
-
-def eps_from_model_output(output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor | float,
-                          sigma: torch.Tensor | float, prediction_type: str = "epsilon") -> torch.Tensor:
-    """Convert a diffusion model's output to a noise prediction, with x_t = alpha x0 + sigma eps.
-    'epsilon': as is; 'v_prediction' (v = alpha eps - sigma x0): eps = alpha v + sigma x_t;
-    'sample' (x0): eps = (x_t - alpha x0) / sigma."""
-    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":
-        return a * output + s * x_t
-    if prediction_type == "sample":
-        return (x_t - a * output) / s
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")

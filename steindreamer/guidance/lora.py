@@ -1,11 +1,13 @@
 """VSD's particle score eps_phi: a LoRA on the pretrained UNet plus a camera-pose embedding
-(ProlificDreamer; METHOD.md, "VSD").
+(ProlificDreamer; docs/method.md, "VSD").
 
 The LoRA lives on the SAME `UNet2DConditionModel` instance as the frozen pretrained model (peft via
 diffusers' `add_adapter`), so the weights are shared. The pose enters through a 2-layer MLP whose
 output is added to the UNet's timestep embedding by a forward hook on `unet.time_embedding` that
-exists only during a LoRA call. `pretrained()` runs with adapters disabled and no hook, which is
-bit-for-bit the UNet before the LoRA was attached.
+exists only during a LoRA call. `pretrained()` (and any call inside `adapters_disabled()`) runs with
+adapters disabled and no hook, which is bit-for-bit the UNet before the LoRA was attached.
+
+Noising and the training target come from the guidance's `NoiseSchedule` (schedule.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .schedule import NoiseSchedule
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (self and cross)
 ADAPTER = "vsd_lora"
@@ -39,24 +43,14 @@ def drop_pose(pose: torch.Tensor, p: float, generator: torch.Generator | None = 
     return pose * keep.to(pose.device, pose.dtype).view(-1, *([1] * (pose.dim() - 1)))
 
 
-def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The denoising target matching `scheduler.config.prediction_type`."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    if kind == "sample":
-        return latents
-    raise ValueError(f"unknown prediction_type {kind!r}")
-
-
 class VSDLora:
     """LoRA + pose embedding on a shared UNet; trained online on the (detached) renders.
 
     predict(x_t, t, text_emb, pose): LoRA model output (the UNet's parameterisation: eps or v).
     pretrained(x_t, t, text_emb):    the frozen UNet's output (adapters off, no pose term).
-    train_step(latents, text_emb, pose, scheduler, generator) -> float loss (one AdamW step).
+    adapters_disabled():             context in which any call of the shared UNet is the frozen model.
+    train_step(latents, text_emb, pose, schedule, generator) -> float loss (one AdamW step);
+                                     `schedule` is a NoiseSchedule (noising and target).
     """
 
     def __init__(self, unet, rank: int = 4, lr: float = 1e-4, pose_dim: int = 16,
@@ -97,30 +91,37 @@ class VSDLora:
         with self._pose_added(pose):
             return self.unet(x_t, t, encoder_hidden_states=text_emb).sample
 
-    def pretrained(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """The pretrained UNet's output: adapters disabled and no pose term."""
+    @contextmanager
+    def adapters_disabled(self):
+        """Within this block the shared UNet is the pretrained model (LoRA off; the pose hook only
+        exists inside `predict`). Adapters are re-enabled on exit, also on an exception."""
         self.unet.disable_adapters()
         try:
-            return self.unet(x_t, t, encoder_hidden_states=text_emb).sample
+            yield
         finally:
             self.unet.enable_adapters()
 
-    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor, pose: torch.Tensor, scheduler,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Denoising loss of the LoRA model on detached latents: t over the full range, pose dropout."""
-        latents = latents.detach()
-        b, n = latents.shape[0], scheduler.config.num_train_timesteps
-        t = torch.randint(0, n, (b,), generator=generator).to(latents.device)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        x_t = scheduler.add_noise(latents, noise, t)
-        pred = self.predict(x_t, t, text_emb.detach(), drop_pose(pose, self.pose_dropout, generator))
-        return F.mse_loss(pred.float(), training_target(scheduler, latents, noise, t).float())
+    def pretrained(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """The pretrained UNet's output: adapters disabled and no pose term."""
+        with self.adapters_disabled():
+            return self.unet(x_t, t, encoder_hidden_states=text_emb).sample
 
-    def train_step(self, latents: torch.Tensor, text_emb: torch.Tensor, pose: torch.Tensor, scheduler,
+    def loss(self, latents: torch.Tensor, text_emb: torch.Tensor, pose: torch.Tensor, schedule: NoiseSchedule,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss of the LoRA model on detached latents: t over the full range, pose dropout;
+        the target is `schedule.target` (the UNet's own parameterisation)."""
+        latents = latents.detach()
+        t = schedule.sample_t(latents.shape[0], 0.0, 1.0, generator).to(latents.device)  # 0 .. T-1
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        x_t = schedule.add_noise(latents, noise, t)
+        pred = self.predict(x_t, t, text_emb.detach(), drop_pose(pose, self.pose_dropout, generator))
+        return F.mse_loss(pred.float(), schedule.target(latents, noise, t).float())
+
+    def train_step(self, latents: torch.Tensor, text_emb: torch.Tensor, pose: torch.Tensor, schedule: NoiseSchedule,
                    generator: torch.Generator | None = None) -> float:
         """One AdamW step on `loss`; returns the loss before the step."""
         with torch.enable_grad():
-            loss = self.loss(latents, text_emb, pose, scheduler, generator)
+            loss = self.loss(latents, text_emb, pose, schedule, generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()

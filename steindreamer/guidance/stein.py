@@ -1,12 +1,18 @@
-"""The Stein weight mu of SSD, fitted on past steps only (METHOD.md).
+"""The Stein weight mu of SSD, fitted on past steps only (docs/method.md, "Fitting μ on past steps").
 
 mu minimises E|| w (eps_hat + mu h) ||^2; the mean of G does not depend on mu (E[h] = 0), so this is
 the variance minimiser. Per element of the configured shape:
 
     mu* = -E[w^2 eps_hat h] / E[w^2 h h]
 
-estimated from exponential moving sums. The w(t)^2 factor makes mu minimise the variance of G itself
-(w varies with t); with a constant weight it is METHOD.md's -E[eps_hat h] / E[h h].
+estimated from exponentially discounted sums. The w(t)^2 factor makes mu minimise the variance of G
+itself (w varies with t); with a constant weight it is -E[eps_hat h] / E[h h] (docs/method.md).
+
+`decay` (both `LaggedMu` and `LaggedJointMu`; config `mu_decay`) has one meaning: a sample folded in
+k updates ago has weight decay**k in the sums (`discounted`: S <- decay S + new; the newest has
+weight 1, the first draw no more than any other of its age). The fits are ratios / least-squares
+solutions of these sums, so they are scale-invariant: the same as a normalised EMA with memory
+~1 / (1 - decay) updates. decay = 0 fits on the latest update alone.
 
 Fitting mu on the same noise sample it is applied to biases G (mu then correlates with h). `LaggedMu`
 therefore has one entry point, `apply`, that computes G with the mu of *previous* steps and only then
@@ -22,12 +28,14 @@ mu = 0, which would drop the control variate and start from the raw eps_hat (var
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from .engines import _bcast, ssd
 
-MU_SHAPES = ("scalar", "channel", "pixel")
+MuShape = Literal["scalar", "channel", "pixel"]  # what mu resolves: one number, one per channel, one per element
+MU_SHAPES = get_args(MuShape)
 
 
 def reduce_to_shape(x: torch.Tensor, shape: str) -> torch.Tensor:
@@ -49,9 +57,14 @@ def optimal_mu(eh: torch.Tensor, hh: torch.Tensor, eps: float = 1e-12) -> torch.
     return -eh / hh.clamp_min(eps)
 
 
+def discounted(old: torch.Tensor | None, new: torch.Tensor, decay: float) -> torch.Tensor:
+    """The running sum with `new` folded in: decay * old + new (just `new` for the first update)."""
+    return new if old is None else decay * old + new
+
+
 @dataclass
 class MuSums:
-    """Running (exponentially discounted) sums; `n` counts updates."""
+    """Running discounted sums (see `discounted`); `n` counts updates."""
     eh: torch.Tensor | None = None
     hh: torch.Tensor | None = None
     n: int = 0
@@ -66,13 +79,12 @@ def update_sums(sums: MuSums, eps_pred: torch.Tensor, h: torch.Tensor, shape: st
     eh = reduce_to_shape(w2 * eps_pred * h, shape)
     hh = reduce_to_shape(w2 * h * h, shape)
     if sums.n > 0:
-        eh = decay * sums.eh + eh
-        hh = decay * sums.hh + hh
+        eh, hh = discounted(sums.eh, eh, decay), discounted(sums.hh, hh, decay)
     return MuSums(eh=eh, hh=hh, n=sums.n + 1)
 
 
 class LaggedMu:
-    """mu for SSD, always fitted on past steps only.
+    """mu for SSD, always fitted on past steps only; `decay` as in the module docstring.
 
     Usage, once per training step:
         G = est.apply(eps_pred, h, weight)   # uses mu from previous steps, then learns from this one
@@ -122,7 +134,8 @@ class LaggedJointMu:
     Why: h_phi alone beats SDS only if the baseline family contains the constant. Since
     mu h - nu eps = mu (sigma grad phi - eps (phi + nu / mu)), this is SSD with the baseline phi + c,
     c fitted too: still a Stein control variate (zero mean), and (mu, nu) = (0, 1), plain SDS, is in
-    the family, so the optimum is never worse than SDS. Starts at (0, 1) until `warmup` updates."""
+    the family, so the optimum is never worse than SDS. Starts at (0, 1) until `warmup` updates.
+    `decay` discounts past updates exactly as in `LaggedMu` (module docstring)."""
 
     def __init__(self, decay: float = 0.99, warmup: int = 10, ridge: float = 1e-6):
         if not 0.0 <= decay < 1.0:
@@ -150,7 +163,7 @@ class LaggedJointMu:
             c2 = -noise
             new = torch.stack([(w2 * h * h).sum(), (w2 * h * c2).sum(), (w2 * c2 * c2).sum(),
                                (w2 * eps_pred * h).sum(), (w2 * eps_pred * c2).sum()]).double().cpu()
-            self.sums = new if self.sums is None else self.decay * self.sums + (1 - self.decay) * new
+            self.sums = discounted(self.sums, new, self.decay)
             self.n += 1
         return g
 
@@ -158,7 +171,11 @@ class LaggedJointMu:
         return self.coefficients()[0]
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums, "n": self.n} if self.sums is not None else {"n": self.n}
+        return {"sums": self.sums, "n": self.n, "discounted": True} if self.sums is not None else {"n": self.n}
 
     def load_state_dict(self, state: dict) -> None:
         self.sums, self.n = state.get("sums"), int(state.get("n", 0))
+        if self.sums is not None and not state.get("discounted", False):
+            # Saved by the earlier EMA (decay old + (1 - decay) new): bring it to the discounted sums'
+            # scale so the history keeps its weight against new draws.
+            self.sums = self.sums / (1.0 - self.decay)

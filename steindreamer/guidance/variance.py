@@ -1,4 +1,4 @@
-"""Gradient-variance meter (METHOD.md, "What the paper claims"): draw K independent estimates at a fixed
+"""Gradient-variance meter (docs/method.md, "Variance"): draw K independent estimates at a fixed
 theta and report the mean per-element variance of G (image space) and of the theta-gradient it
 induces. Pure functions over callables; Welford accumulation keeps memory at two copies of a sample.
 """

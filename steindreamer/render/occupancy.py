@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import native
 from ..backends import occupancy_backend
+from ..errors import require
 
 
 @dataclass
@@ -28,6 +29,12 @@ class OccupancyConfig:
     threshold: float = 0.01  # opacity over one cell above which the cell is occupied (nerfacc's occ_thre)
     decay: float = 0.95  # moving-maximum decay per update (nerfacc's ema_decay)
     dilate: int = 1  # cells added around the occupied ones (0: nerfacc's mask)
+
+    def check(self, key: str = "field.occupancy") -> None:
+        require(self.resolution == 0 or 8 <= self.resolution <= 256, f"{key}.resolution", "0 (off) or in [8, 256]")
+        require(0 <= self.dilate <= 4, f"{key}.dilate", "in [0, 4]")
+        require(self.update_every >= 1, f"{key}.update_every", ">= 1")
+        require(0 < self.threshold < 1 and 0 <= self.decay <= 1, f"{key}.threshold/decay", "threshold in (0, 1), decay in [0, 1]")
 
 
 def cell_centres(resolution: int, bound: float, device=None) -> torch.Tensor:
@@ -45,7 +52,7 @@ class OccupancyGrid(nn.Module):
         # Until the first update every cell counts as occupied (nothing is skipped).
         self.register_buffer("mask", torch.ones(r, r, r, dtype=torch.bool))
         # Picked once (the C loop serves CPU points; `select` checks the device per call).
-        self.native = occupancy_backend("cpu") == "cpu"
+        self.native = occupancy_backend("cpu", cpu_kernel=library) == "cpu"
 
     @property
     def cell(self) -> float:

@@ -3,10 +3,15 @@ random light, or textureless (white albedo, shading only) which forces geometry 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
+from ..errors import require, require_choice
+
 MODES = ("albedo", "lambertian", "textureless")
+# camera: a random point light near the camera | fixed: the direction light_dir
+Light = Literal["camera", "fixed"]
 
 
 @dataclass
@@ -14,10 +19,15 @@ class ShadingConfig:
     albedo_steps: int = 1000  # albedo only before this step
     lambertian_p: float = 0.75  # afterwards, probability that a step is shaded at all
     textureless_p: float = 0.5  # of the shaded steps, probability of textureless
-    ambient: float = 0.1
+    ambient: float = 0.1  # light level of a surface facing away from the light
     light_jitter: float = 0.5  # std of the light position around the camera (relative to its distance)
-    light: str = "camera"  # camera: a random point light near the camera | fixed: the direction light_dir
+    light: Light = "camera"
     light_dir: tuple[float, float, float] = (0.35, 0.85, 0.40)  # towards the light (world), for light=fixed
+
+    def check(self, key: str = "shading") -> None:
+        require(0.0 <= self.lambertian_p <= 1.0 and 0.0 <= self.textureless_p <= 1.0, f"{key}.lambertian_p/textureless_p", "in [0, 1]")
+        require_choice(self.light, get_args(Light), f"{key}.light")
+        require(sum(v * v for v in self.light_dir) > 0, f"{key}.light_dir", "a non-zero direction")
 
 
 def shade(albedo: torch.Tensor, normals: torch.Tensor | None, light_dir: torch.Tensor | None, mode: str, ambient: float) -> torch.Tensor:

@@ -8,12 +8,18 @@ space, unit, 0 where empty)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+import numpy as np
 import torch
 
 from ..backends import volume_backend
 from ..cameras import Cameras
+from ..errors import require, require_choice
 from .shading import shade
+
+RenderBackend = Literal["auto", "torch", "nerfacc"]  # "auto" picks in steindreamer.backends
+NormalsSource = Literal["surface", "samples", "difference"]  # see RenderConfig.normals
 
 
 @dataclass
@@ -21,7 +27,7 @@ class RenderConfig:
     resolution: int = 64  # render size (square)
     samples: int = 64  # stratified samples per ray
     chunk: int = 8192  # rays per chunk when rendering without gradients
-    backend: str = "auto"  # auto | torch | nerfacc
+    backend: RenderBackend = "auto"
     # Where normals (shading, normal maps) come from: "samples" = grad(sigma) at every sample,
     # accumulated along the ray (DreamFusion); "surface" = grad(sigma) once per ray at its expected
     # surface point, shaded there (deferred shading). The double backward then runs on one point per
@@ -29,8 +35,16 @@ class RenderConfig:
     # = at the same surface point by central differences of sigma, step normal_eps (threestudio's
     # finite_difference normals): 6 density lookups per ray and no double backward, so the fused
     # CPU hash grid (which differentiates once) serves them too.
-    normals: str = "surface"
+    normals: NormalsSource = "surface"
     normal_eps: float = 0.01  # central-difference step (world units) for normals = "difference"
+
+    def check(self, key: str = "render") -> None:
+        require(self.resolution >= 8 and self.resolution % 8 == 0, f"{key}.resolution", "a positive multiple of 8")
+        require(self.samples >= 2, f"{key}.samples", ">= 2")
+        require(self.chunk >= 1, f"{key}.chunk", ">= 1")
+        require_choice(self.backend, get_args(RenderBackend), f"{key}.backend")
+        require_choice(self.normals, get_args(NormalsSource), f"{key}.normals")
+        require(self.normal_eps > 0, f"{key}.normal_eps", "> 0")
 
 
 def ray_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,3 +224,18 @@ def render_views(field, background, cameras: Cameras, cfg: RenderConfig, height:
             continue
         out[key] = torch.cat([p[key] for p in parts]).reshape(b, h, w, -1)
     return out
+
+
+@torch.no_grad()
+def render_frame(field, background, cameras: Cameras, render_cfg, height: int, width: int) -> np.ndarray:
+    """One view at any aspect as uint8 [H, W, 3]. `render_views` renders squares only, so the rays
+    are made here and go through `render_rays` in chunks (deterministic: no sample jitter, no RNG)."""
+    device = next(field.parameters()).device
+    origins, dirs = cameras.to(device).rays(height, width)
+    o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+    bg = background(d)
+    chunk = render_cfg.chunk
+    parts = [render_rays(field, o[i:i + chunk], d[i:i + chunk], bg[i:i + chunk], render_cfg, perturb=False)["rgb"]
+             for i in range(0, o.shape[0], chunk)]
+    rgb = torch.cat(parts).reshape(height, width, 3)
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

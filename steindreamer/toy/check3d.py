@@ -59,17 +59,17 @@ def evaluate_field(field, background, cfg, prompt: str, views: int = 8, resoluti
 
 
 def evaluate_run(run_dir: Path, views: int = 8, resolution: int = 64, elevation: float = 15.0) -> dict:
-    from ..assets import load_mesh, load_nerf, load_run_config
     from ..field.mesh import MeshField
+    from ..runfolder import RunFolder
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    prompt = (run_dir / "prompt.txt").read_text().strip()
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    prompt = run.prompt_file.read_text().strip()
     cams, score, colour, shape = _scorer(prompt, cfg, views, resolution, elevation)
     result = {"run": str(run_dir), "prompt": prompt, "shape": shape, "colour": colour, "views": views, "resolution": resolution}
-    field, background, step = load_nerf(run_dir, cfg)
+    field, background, step = run.load_nerf(cfg)
     result["nerf"] = {"step": step, **evaluate_field(field, background, cfg, prompt, views, resolution, elevation)}
-    found = load_mesh(run_dir, cfg)
+    found = run.load_mesh(cfg)
     if found is not None:
         with torch.no_grad():
             mesh = MeshField(found[0], found[1], found[2], learn_offsets=False)

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
+from steindreamer.toy.vocab import MAX_LENGTH, VIEW_WORDS, WORDS
 from steindreamer.toy.world import TOY_RESOLUTION
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 DIFFUSION_DIR = BUILTIN_DIR / "diffusion"
 DEPTH_DIR = BUILTIN_DIR / "depth"
 MODEL_CARD = {"space": "pixel", "resolution": TOY_RESOLUTION, "channels": 3, "scaling": "x = 2 * rgb - 1",
-              "prediction_type": "epsilon", "vocabulary": "steindreamer.toy.vocab.WORDS"}
+              "prediction_type": "epsilon", "vocabulary": list(WORDS), "view_words": list(VIEW_WORDS), "max_words": MAX_LENGTH - 2}
 
 
 def build_unet():
@@ -40,8 +41,6 @@ def build_unet():
 
 def build_text_encoder(vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from steindreamer.toy.vocab import MAX_LENGTH
 
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=64,

@@ -1,29 +1,14 @@
-"""The built-in model's vocabulary and a prompt check that fails early with one clear line."""
+"""The built-in model's vocabulary and its offline tokenizer. The words are written into the model's
+folder (`steindreamer.json`), from which `steindreamer.prompt` checks prompts."""
 from __future__ import annotations
 
 import itertools
-import re
 
 from steindreamer.toy.world import COLOURS, SHAPES
 
-WORDS = ("a", *COLOURS, *SHAPES, "front", "side", "back", "overhead", "view", ",")
+VIEW_WORDS = ("front", "side", "back", "overhead", "view", ",")  # what view-dependent prompting appends
+WORDS = ("a", *COLOURS, *SHAPES, *VIEW_WORDS)
 MAX_LENGTH = 16  # "a purple cylinder, overhead view" is 6 words + 2 markers
-
-
-def words(prompt: str) -> list[str]:
-    """Lower-cased words and commas, as the tokenizer splits them."""
-    return re.findall(r"\w+|[^\w\s]+", prompt.lower())
-
-
-def check_prompt(prompt: str) -> None:
-    """Raise ValueError naming every word the built-in model does not know."""
-    unknown = [w for w in words(prompt) if w not in WORDS]
-    if unknown:
-        uniq = ", ".join(dict.fromkeys(repr(w) for w in unknown))
-        raise ValueError(f"the built-in toy model does not know {uniq} in {prompt!r}; "
-                         f"its vocabulary is: {' '.join(WORDS)}")
-    if len(words(prompt)) + 2 > MAX_LENGTH:
-        raise ValueError(f"prompt too long for the built-in toy model ({len(words(prompt))} words, at most {MAX_LENGTH - 2})")
 
 
 def build_tokenizer():

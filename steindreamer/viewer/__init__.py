@@ -12,10 +12,10 @@ clients), `live` (the callback during training), `view` (the `view` command).
 """
 from .args import DEFAULT_PORT, add_view_parser, add_viewer_args
 from .budget import VIEWER_SHARE, FrameBudget
-from .frames import frame_size, quat_to_matrix, render_frame, rotation_y, viser_to_cameras
+from .frames import frame_size, quat_to_matrix, rotation_y, viser_to_cameras
 from .live import GUI_INTERVAL, PLOT_POINTS, ViewerCallback
 from .view import IDLE_REFINE, TURNTABLE_PERIOD, cmd_view
 
 __all__ = ["DEFAULT_PORT", "GUI_INTERVAL", "IDLE_REFINE", "PLOT_POINTS", "TURNTABLE_PERIOD", "VIEWER_SHARE", "FrameBudget",
-           "ViewerCallback", "add_view_parser", "add_viewer_args", "cmd_view", "frame_size", "quat_to_matrix", "render_frame",
+           "ViewerCallback", "add_view_parser", "add_viewer_args", "cmd_view", "frame_size", "quat_to_matrix",
            "rotation_y", "viser_to_cameras"]

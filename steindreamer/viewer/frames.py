@@ -1,5 +1,5 @@
-"""From a viser client camera to a rendered frame: the camera conversion to our `Cameras`, the
-frame size at the canvas' aspect, and the NeRF render of one view."""
+"""From a viser client camera to a frame: the camera conversion to our `Cameras` and the frame
+size at the canvas' aspect (the NeRF's frame itself is `render.volume.render_frame`)."""
 from __future__ import annotations
 
 import math
@@ -50,20 +50,3 @@ def frame_size(image_width: int, image_height: int, longest: int) -> tuple[int, 
     if aspect >= 1.0:
         return max(1, round(longest / aspect)), longest
     return longest, max(1, round(longest * aspect))
-
-
-@torch.no_grad()
-def render_frame(field, background, cameras: Cameras, render_cfg, height: int, width: int) -> np.ndarray:
-    """One view at any aspect as uint8 [H, W, 3]. `render_views` renders squares only, so the rays
-    are made here and go through `render_rays` in chunks (deterministic: no sample jitter, no RNG)."""
-    from ..render.volume import render_rays
-
-    device = next(field.parameters()).device
-    origins, dirs = cameras.to(device).rays(height, width)
-    o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
-    bg = background(d)
-    chunk = render_cfg.chunk
-    parts = [render_rays(field, o[i:i + chunk], d[i:i + chunk], bg[i:i + chunk], render_cfg, perturb=False)["rgb"]
-             for i in range(0, o.shape[0], chunk)]
-    rgb = torch.cat(parts).reshape(height, width, 3)
-    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -14,7 +14,7 @@ import torch
 
 from .args import DEFAULT_PORT
 from .budget import VIEWER_SHARE, FrameBudget
-from .frames import frame_size, render_frame, viser_to_cameras
+from .frames import frame_size, viser_to_cameras
 from .server import _client_camera, _Server
 
 GUI_INTERVAL = 0.5  # seconds between status/plot updates
@@ -58,8 +58,8 @@ class _History:
 
 
 class ViewerCallback:
-    """`cb(stage, info)` after each training step: renders the current NeRF for every connected
-    browser within the time budget, updates status and plots, shows the newest validation grid,
+    """`cb(stage, info)` after each training step of either stage: renders the current NeRF or mesh
+    (`stage.preview`) for every connected browser within the time budget, updates status and plots, shows the newest validation grid,
     and honours the Pause/Resume and Snapshot buttons. Runs in the training thread, so frames and
     snapshots always see a consistent model."""
 
@@ -159,12 +159,12 @@ class ViewerCallback:
         return self.clock() - start
 
     def _take_snapshot(self, stage) -> None:
-        from ..train import RunPaths, save_checkpoint
+        from ..runfolder import RunFolder
 
         self._snapshot.clear()
         if self.run_dir is None:
             return
-        self.last_snapshot = save_checkpoint(RunPaths(self.run_dir), stage, stage.cfg.train.keep_checkpoints)
+        self.last_snapshot = RunFolder(self.run_dir).save_checkpoint(stage.name, stage.step_index, stage.state(), stage.cadence.keep)
         for client in self.server.get_clients().values():
             client.add_notification(title="Snapshot saved", body=str(self.last_snapshot), auto_close_seconds=4.0)
 
@@ -182,7 +182,7 @@ class ViewerCallback:
             if budgeted and not self.budget.allows_frame():
                 return
             t0 = self.clock()
-            image = render_frame(stage.field, stage.background, viser_to_cameras(wxyz, position, fov), stage.cfg.render, *size)
+            image = stage.preview(viser_to_cameras(wxyz, position, fov), *size)
             self._srv.send_frame(client, image)
             self.budget.measured_frame(self.clock() - t0)
             state.drawn = key
@@ -195,8 +195,7 @@ class ViewerCallback:
 
     def _update_gui(self, stage, info: dict) -> None:
         self._last_gui = self.clock()
-        total = stage.cfg.train.steps
-        parts = [f"**step** {info.get('step', stage.step_index)} / {total}"]
+        parts = [f"**{stage.name}** step {stage.step_index} / {stage.cadence.steps}"]
         if "engine" in info:
             parts.append(f"**engine** {info['engine']}")
         for key, label, fmt in (("loss", "loss", "{:.4g}"), ("mu", "μ", "{:.4g}"), ("variance", "variance", "{:.4g}"),

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .frames import frame_size, render_frame, viser_to_cameras
+from ..render.volume import render_frame
+from .frames import frame_size, viser_to_cameras
 from .server import _client_camera, _Server
 
 IDLE_REFINE = 0.3  # `view`: seconds a camera must rest before the sharper frame is rendered
@@ -18,30 +19,15 @@ TURNTABLE_PERIOD = 12.0  # seconds per revolution
 
 
 def _load_run(run_dir: Path):
-    from ..config import from_yaml_text
-    from ..field.nerf import Background, NeRFField
-    from ..train import RunPaths, load_checkpoint
+    from ..runfolder import RunFolder
 
-    paths = RunPaths(run_dir)
-    if not paths.config.is_file():
-        raise UserError(f"not a run folder (no config.yaml): {run_dir}")
-    ckpt = paths.latest_checkpoint()
-    if ckpt is None:
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    if run.latest("nerf") is None:
         raise UserError(f"run folder {run_dir} has no checkpoint yet")
-    try:
-        cfg = from_yaml_text(paths.config.read_text())
-    except OSError as err:
-        raise UserError(f"cannot read {paths.config}: {err.strerror}") from None
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    state = load_checkpoint(ckpt, device)
-    field, background = NeRFField(cfg.field, device).to(device), Background(cfg.background).to(device)
-    try:
-        field.load_state_dict(state["field"])
-        background.load_state_dict(state["background"])
-    except (KeyError, RuntimeError) as err:
-        raise UserError(f"checkpoint {ckpt.name} does not match the run's config.yaml ({type(err).__name__})") from None
-    field.eval()
-    return cfg, field, background, ckpt, int(state.get("step", 0))
+    field, background, step = run.load_nerf(cfg, device)
+    return cfg, field, background, step
 
 
 def _load_mesh(path: Path) -> tuple[bytes, float]:
@@ -65,7 +51,7 @@ def cmd_view(args) -> int:
     if not target.exists():
         raise UserError(f"no such run folder or mesh file: {target}")
     if target.is_dir():
-        cfg, field, background, ckpt, step = _load_run(target)
+        cfg, field, background, step = _load_run(target)
         mesh, distance = None, float(np.mean(cfg.camera.distance)) * 1.2
         title = f"{target.name} · step {step}"
     elif target.suffix.lower() in (".glb", ".gltf"):

@@ -1,0 +1,80 @@
+"""The guidance's config: what every engine shares, and each engine's own settings (guidance.ssd,
+guidance.vsd), each with its checks beside its fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Literal, get_args
+
+from ..errors import require, require_choice
+from .stein import MU_SHAPES, MuShape
+
+Engine = Literal["sds", "vsd", "ssd"]
+ENGINES = get_args(Engine)
+Weighting = Literal["sigma2", "uniform"]  # w(t): sigma2 (= 1 - alpha_bar) | uniform
+# SSD's baseline phi: agreement of the image's depth (or normals) with the render's | constant 1
+Baseline = Literal["depth", "normal", "constant"]
+
+
+@dataclass
+class SSDConfig:
+    """Stein score distillation (guidance.engine=ssd): SDS's estimate plus a control variate built
+    from the baseline phi, weighted by mu fitted on past steps (see guidance/stein.py)."""
+
+    depth_model: str = "builtin"  # transformers depth-estimation folder or hub id (baselines depth, normal)
+    baseline: Baseline = "depth"
+    mu_shape: MuShape = "scalar"  # for keep_sds_cv=false
+    mu_decay: float = 0.99  # a draw k steps old weighs decay**k in the sums that fit mu
+    mu_init: float = 1.0  # mu before any past step (keep_sds_cv=false); 1 with phi == 1 is SDS
+    # Keep SDS's -eps control variate next to the Stein term, both weights fitted (scalar): equivalent
+    # to the baseline phi + c with c fitted, and never worse than SDS (see guidance/stein.py).
+    keep_sds_cv: bool = True
+
+    def check(self, key: str = "guidance.ssd") -> None:
+        require_choice(self.baseline, get_args(Baseline), f"{key}.baseline")
+        require_choice(self.mu_shape, MU_SHAPES, f"{key}.mu_shape")
+        require(0.0 <= self.mu_decay < 1.0, f"{key}.mu_decay", "in [0, 1)")
+
+
+@dataclass
+class VSDConfig:
+    """Variational score distillation (guidance.engine=vsd): a camera-conditioned LoRA on the same
+    UNet learns the score of the current renders."""
+
+    lora_rank: int = 4  # rank of the LoRA's low-rank updates
+    lora_lr: float = 1e-4  # learning rate of the LoRA (and its camera embedding)
+    pose_drop_p: float = 0.1  # probability of dropping the camera condition in a LoRA step
+
+    def check(self, key: str = "guidance.vsd") -> None:
+        require(self.lora_rank >= 1, f"{key}.lora_rank", ">= 1")
+        require(0.0 <= self.pose_drop_p <= 1.0, f"{key}.pose_drop_p", "in [0, 1]")
+
+
+@dataclass
+class GuidanceConfig:
+    """What every engine shares; each engine's own settings are under guidance.ssd / guidance.vsd."""
+
+    model: str = "builtin"  # diffusers folder, hub id, or "builtin"
+    engine: Engine = "sds"
+    guidance_scale: float = 100.0  # diffusers' CFG convention eps_u + s (eps_c - eps_u)
+    t_min: float = 0.02  # fractions of the schedule
+    t_max: float = 0.98  # t is drawn uniformly from [t_min, t_max]
+    anneal_step: int = -1  # from this step on t_max becomes anneal_t_max (-1: never)
+    anneal_t_max: float = 0.5  # t_max from anneal_step on
+    weighting: Weighting = "sigma2"
+    grad_clip: float = 0.0  # per-element clip of G, 0 = off
+    view_dependent: bool = True  # append "front view" etc. to the prompt
+    half_precision: bool = True  # fp16 weights on CUDA (always fp32 on CPU)
+    cache_dir: str = ""  # text-embedding cache; "" = $STEINDREAMER_CACHE or ~/.cache/steindreamer
+    ssd: SSDConfig = dc_field(default_factory=SSDConfig)
+    vsd: VSDConfig = dc_field(default_factory=VSDConfig)
+
+    def check(self, key: str = "guidance") -> None:
+        require_choice(self.engine, ENGINES, f"{key}.engine")
+        require(0.0 <= self.t_min < self.t_max <= 1.0, f"{key}.t_min/t_max", "0 <= t_min < t_max <= 1")
+        require(self.anneal_step < 0 or self.t_min < self.anneal_t_max <= 1.0, f"{key}.anneal_t_max", "in (t_min, 1]")
+        require(self.guidance_scale >= 0, f"{key}.guidance_scale", ">= 0")
+        require_choice(self.weighting, get_args(Weighting), f"{key}.weighting")
+        require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0")
+        require(bool(self.model.strip()), f"{key}.model", "a folder, hub id or builtin")
+        self.ssd.check(f"{key}.ssd")
+        self.vsd.check(f"{key}.vsd")

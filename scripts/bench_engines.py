@@ -94,6 +94,11 @@ def final_quality(series: list[dict]) -> float:
     return float(np.mean([quality(p) for p in series[-2:]]))
 
 
+def variance_ratio(variance: dict, a: str, b: str, key: str = "var_theta") -> float:
+    """Engine a's variance over engine b's, averaged over the checkpoints: variance[engine][step][key]."""
+    return float(np.mean([variance[a][s][key] / variance[b][s][key] for s in variance[a]]))
+
+
 def steps_to_reach(series: list[dict], level: float) -> int | None:
     """First step from which the (two-check running mean) quality stays at or above `level` to the end."""
     smooth = [float(np.mean([quality(p) for p in series[max(0, i - 1):i + 1]])) for i in range(len(series))]
@@ -140,7 +145,7 @@ def main() -> int:
             variance[engine][step] = variance_at(stage, state, args)
 
     def ratio(a, b, key="var_theta"):
-        return float(np.mean([variance[a][s][key] / variance[b][s][key] for s in states]))
+        return variance_ratio(variance, a, b, key)
 
     sds_final = final_quality(runs["sds"]["series"])
     reach = steps_to_reach(runs["ssd"]["series"], sds_final)

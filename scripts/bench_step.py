@@ -85,6 +85,18 @@ def timings(clock: Clock, warmup: int) -> dict:
             "breakdown": {k: v for k, v in med.items() if k != "step"}}
 
 
+def step_time_ratios(e: dict) -> dict:
+    """SSD's step time over SDS's and VSD's (the engines present), per engine's `timings`."""
+    out = {}
+    for other in ("sds", "vsd"):
+        if "ssd" in e and other in e:
+            out[f"step_time_ratio_ssd_{other}"] = e["ssd"]["step_seconds"] / e[other]["step_seconds"]
+            # The same ratio with each engine's steps measured in its own UNet calls (paired medians):
+            # the engines run one after another and the machine's speed drifts between them.
+            out[f"step_time_ratio_ssd_{other}_paired"] = e["ssd"]["step_over_unet_paired"] / e[other]["step_over_unet_paired"]
+    return out
+
+
 def sd_shaped_guidance(device, dtype):
     """Stable Diffusion 2.1-base shapes with random weights (configs only; nothing downloaded)."""
     import string
@@ -237,13 +249,7 @@ def main() -> int:
     for engine in args.engines.split(","):
         result["engines"][engine] = bench_engine(engine, args, device)
         print(engine, json.dumps(result["engines"][engine]), flush=True)
-    e = result["engines"]
-    for other in ("sds", "vsd"):
-        if "ssd" in e and other in e:
-            result[f"step_time_ratio_ssd_{other}"] = e["ssd"]["step_seconds"] / e[other]["step_seconds"]
-            # The same ratio with each engine's steps measured in its own UNet calls (paired medians):
-            # the engines run one after another and the machine's speed drifts between them.
-            result[f"step_time_ratio_ssd_{other}_paired"] = e["ssd"]["step_over_unet_paired"] / e[other]["step_over_unet_paired"]
+    result.update(step_time_ratios(result["engines"]))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

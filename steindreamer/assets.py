@@ -18,8 +18,7 @@ from .field.nerf import AlbedoField
 from .render.volume import render_views
 from .runfolder import RunFolder
 
-STEMS = {"glb": "model", "obj": "mesh", "ply": "mesh"}
-FORMATS = tuple(STEMS)
+STEMS = {"glb": "model", "obj": "mesh", "ply": "mesh"}  # file name of each format
 
 
 def export_mesh(run_dir: Path, vertices: np.ndarray, faces: np.ndarray, color_fn, cfg: Config, formats=None) -> dict:

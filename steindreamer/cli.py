@@ -18,6 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import SHORT_KEYS, presets
+    from .export.pipeline import FORMATS
 
     parser = _Parser(prog="steindreamer", description="Text-to-3D by score distillation (SDS, VSD, SSD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write model.glb / mesh.obj (+ .mtl, .png) / mesh.ply into RUN_DIR from its newest checkpoint "
                          "(the mesh stage's if it ran, else the surface extracted from the NeRF).")
     exp.add_argument("run_dir")
-    exp.add_argument("--format", action="append", choices=["glb", "obj", "ply"], help="repeatable; default: the run's export.formats")
+    exp.add_argument("--format", action="append", choices=FORMATS, help="repeatable; default: the run's export.formats")
     exp.add_argument("--stage", choices=["auto", "nerf", "mesh"], default="auto")
     ren = sub.add_parser("render", help="write a turntable video and contact sheet of a run",
                          description="Write RUN_DIR/turntable.mp4 (GIF if ffmpeg fails) and renders/contact_sheet.png.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field, fields
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -18,13 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .cameras import CameraConfig
 from .errors import UserError, require
+from .export.pipeline import FORMATS, ExportFormat
 from .field.nerf import BackgroundConfig, FieldConfig
 from .guidance.config import GuidanceConfig, SSDConfig, VSDConfig
 from .render.shading import ShadingConfig
 from .render.volume import RenderConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
-ExportFormat = Literal["glb", "obj", "ply"]
 SHORT_KEYS = {
     "model": "guidance.model",
     "depth_model": "guidance.ssd.depth_model",
@@ -108,7 +108,7 @@ class ExportConfig:
     turntable_elevation: float = 15.0  # degrees
 
     def check(self, key: str = "export") -> None:
-        allowed = get_args(ExportFormat)
+        allowed = FORMATS
         require(bool(self.formats) and set(self.formats) <= set(allowed), f"{key}.formats", f"a non-empty list of {', '.join(allowed)}")
         require(16 <= self.texture_size <= 8192, f"{key}.texture_size", "in [16, 8192]")
         require(self.turntable_frames >= 1 and self.turntable_size >= 8, f"{key}.turntable_frames/turntable_size", ">= 1 and >= 8")

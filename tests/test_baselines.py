@@ -1,11 +1,86 @@
-"""Stein baselines: depth/normal phi through a tiny random DPT, gradients w.r.t. x_t only."""
+"""Stein baselines: depth/normal phi through a tiny random DPT, gradients w.r.t. x_t only.
+
+`independent_phi` and `BaselineSpy` are shared with the CLI tests (test_engines_cli,
+test_toy_generate): they check that the phi a run logs is the baseline's formula evaluated on that
+run's own maps, computed here without the package's correlation code."""
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from steindreamer.guidance.baselines import (constant_baseline, depth_baseline, disparity_from_depth,
-                                             normal_baseline, normals_from_depth_map,
-                                             transformers_depth_estimator, weighted_pearson)
+from steindreamer.guidance.baselines import (constant_baseline, depth_baseline, normal_baseline,
+                                             normals_from_depth_map, transformers_depth_estimator,
+                                             weighted_pearson)
 from steindreamer.guidance.engines import control_variate, sds, ssd
+
+
+def pearson_np(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float = 1e-8) -> np.ndarray:
+    """Weighted Pearson correlation per sample, by numpy's weighted covariance (not the package's):
+    cov / sqrt(var_a var_b + eps^2), the stabiliser phi is defined with (a constant map correlates
+    0, not NaN; the tiny random depth networks here predict maps of std ~1e-8, where it matters)."""
+    a, b, w = (t.detach().double().reshape(t.shape[0], -1).cpu().numpy() for t in (a, b, w))
+    out = []
+    for ai, bi, wi in zip(a, b, w):
+        c = np.cov(np.stack([ai, bi]), aweights=wi, bias=True)
+        out.append(c[0, 1] / np.sqrt(c[0, 0] * c[1, 1] + eps**2))
+    return np.array(out)
+
+
+def _resized(pred: torch.Tensor, size) -> torch.Tensor:
+    pred = pred if pred.dim() == 4 else pred[:, None]
+    return F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def independent_phi(kind: str, x_t, maps, opacity, estimate, decode=None) -> np.ndarray:
+    """phi [B] recomputed from a baseline's inputs. depth: 1 - weighted Pearson(NeRF disparity, the
+    estimate resized to it); normal: 1 - opacity-weighted mean cosine between the NeRF's normals and
+    those of the estimate (`normals_from_depth_map`, whose convention test_normal_baseline checks)."""
+    with torch.no_grad():
+        img = decode(x_t) if decode is not None else x_t
+        pred = _resized(estimate(img), maps.shape[-2:]).double()
+        w = (opacity if opacity.dim() == 4 else opacity[:, None]).double()
+        if kind == "depth":
+            return 1.0 - pearson_np(maps, pred, w)
+        n_est = normals_from_depth_map(pred, w).cpu().numpy()
+        n_nerf = maps.double().cpu().numpy()
+        n_nerf = n_nerf / np.maximum(np.linalg.norm(n_nerf, axis=1, keepdims=True), 1e-12)  # empty pixels: 0
+        cos = (n_est * n_nerf).sum(1)
+        wn = w[:, 0].cpu().numpy()
+        return 1.0 - (wn * cos).sum((1, 2)) / wn.sum((1, 2))
+
+
+class BaselineSpy:
+    """Replaces `name` (depth_baseline or normal_baseline) in `module` with a wrapper that keeps,
+    for every call, the phi it returned, the phi `independent_phi` gives for the same inputs, and
+    whether a decoder was passed (`decoded`)."""
+
+    def __init__(self, monkeypatch, module, name: str):
+        self.kind, self.calls, self.decoded = name.split("_")[0], [], []
+        original = getattr(module, name)
+
+        def spy(x_t, maps, opacity, estimate, decode=None, *args, **kw):
+            phi, grad = original(x_t, maps, opacity, estimate, decode, *args, **kw)
+            expected = independent_phi(self.kind, x_t, maps, opacity, estimate, decode)
+            self.calls.append((phi.double().cpu().numpy(), expected))
+            self.decoded.append(decode is not None)
+            return phi, grad
+
+        monkeypatch.setattr(module, name, spy)
+
+    def check(self, rows: list[dict], atol: float = 1e-5) -> None:
+        """Every call's phi is the independent one (to `atol`: float32 models), and each training
+        step's logged phi is the batch mean of one call (to float32 rounding), in step order (the
+        variance meter's draws call the baseline too). The tiny random depth models give phi within
+        ~1e-3 of 1, so the tolerances are well below the spread between calls."""
+        assert self.calls
+        for phi, expected in self.calls:
+            assert np.allclose(phi, expected, rtol=0, atol=atol), (phi, expected)
+        means, i = [float(phi.mean()) for phi, _ in self.calls], 0
+        for row in rows:
+            while i < len(means) and abs(means[i] - row["phi"]) > 1e-6:
+                i += 1
+            assert i < len(means), f"step {row['step']}: logged phi {row['phi']} is no baseline call's"
+            i += 1
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +100,7 @@ def nerf_maps(b=2, n=32):
     depth = (2.0 + 0.3 * xx + 0.2 * yy ** 2).expand(b, n, n).double()
     opacity = ((xx ** 2 + yy ** 2) < 0.7).double().expand(b, n, n).clone()
     opacity[:, 0, 0] = 0.5  # a soft weight too
-    return disparity_from_depth(depth, opacity), opacity
+    return torch.where(opacity > 1e-3, 1.0 / depth, torch.zeros_like(depth)), opacity  # disparity where opaque
 
 
 def test_depth_baseline_range_grad_and_leaf(dpt):
@@ -37,7 +112,7 @@ def test_depth_baseline_range_grad_and_leaf(dpt):
     theta = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     phi, grad = depth_baseline(x_t, disp * theta, op * theta, est)
     assert phi.shape == (2,) and grad.shape == x_t.shape
-    assert ((phi >= 0) & (phi <= 2)).all()
+    assert np.allclose(phi.numpy(), independent_phi("depth", x_t, disp, op, est), atol=1e-9)
     assert not phi.requires_grad and not grad.requires_grad and phi.grad_fn is None
     assert x_t.grad is None and not x_t.requires_grad  # the caller's tensor is untouched
     assert all(p.grad is None for p in dpt.parameters()) and theta.grad is None
@@ -79,6 +154,12 @@ def test_pearson_identity_gives_zero_phi():
     up = torch.nn.functional.interpolate(small[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     phi, _ = depth_baseline(x_t, up, op, lambda img: small + 0 * img.mean())
     assert torch.allclose(phi, torch.zeros(2, dtype=torch.float64), atol=1e-6)
+    # Reversed depth (near read as far) gives 2; a map unrelated to the NeRF's about 1.
+    phi, _ = depth_baseline(x_t, up, op, lambda img: -small + 0 * img.mean())
+    assert torch.allclose(phi, torch.full((2,), 2.0, dtype=torch.float64), atol=1e-6)
+    noise = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    phi, _ = depth_baseline(x_t, up, op, lambda img: noise + 0 * img.mean())
+    assert ((phi - 1).abs() < 0.15).all(), phi
     # Weights matter: outside-the-mask pixels do not count.
     noisy = disp + 10 * (1 - op) * torch.randn_like(disp)
     assert torch.allclose(weighted_pearson(disp, noisy, (op == 1).double()), torch.ones(2, dtype=torch.float64))
@@ -108,9 +189,13 @@ def test_normal_baseline(dpt):
     assert normals_from_depth_map(ramp_x, full)[0, 0].mean() < 0
     assert normals_from_depth_map(ramp_row, full)[0, 1].mean() > 0
     assert (normals_from_depth_map(ramp_x, full)[0, 2] > 0).all()
+    # A flat estimate has normals (0, 0, 1): phi = 1 - the opacity-weighted mean z of the NeRF's normals.
+    flat, _ = normal_baseline(torch.zeros(2, 3, 8, 8, dtype=torch.float64), n_nerf, op, lambda img: torch.ones_like(disp) + 0 * img.mean())
+    assert torch.allclose(flat, 1 - (op * n_nerf[:, 2]).sum((1, 2)) / op.sum((1, 2)), atol=1e-9)
     x_t = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     phi, grad = normal_baseline(x_t, n_nerf, op, est)
-    assert ((phi >= 0) & (phi <= 2)).all() and grad.shape == x_t.shape and grad.abs().sum() > 0
+    assert np.allclose(phi.numpy(), independent_phi("normal", x_t, n_nerf, op, est), atol=1e-9)
+    assert grad.shape == x_t.shape and grad.abs().sum() > 0
     idx, step = (1, 0, 33, 17), 1e-6
     xp, xm = x_t.clone(), x_t.clone()
     xp[idx] += step

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from steindreamer.toy.model import DIFFUSION_DIR
 
@@ -33,6 +34,27 @@ def test_steps_to_reach_needs_the_level_held_to_the_end():
     assert bench.final_quality(series) == pytest.approx(0.725)
 
 
+def test_bench_step_timings_and_ratios_on_known_times():
+    bench = _load("bench_step")
+    clock = bench.Clock(torch.device("cpu"))
+    clock.times = {"step": [10.0, 2.0, 4.0, 6.0], "unet_cfg": [5.0, 1.0, 1.0, 2.0], "render": [9.0, 1.0, 2.0, 3.0]}
+    t = bench.timings(clock, warmup=1)  # the first (warm-up) entry of each is dropped
+    assert (t["step_seconds"], t["unet_cfg_seconds"], t["step_over_unet"]) == (4.0, 1.0, 4.0)
+    assert t["step_over_unet_paired"] == 3.0  # median of 2/1, 4/1, 6/2: not the ratio of medians
+    assert t["breakdown"] == {"unet_cfg": 1.0, "render": 2.0}
+    engines = {"sds": {"step_seconds": 2.0, "step_over_unet_paired": 1.5}, "ssd": {"step_seconds": 3.0, "step_over_unet_paired": 2.0}}
+    assert bench.step_time_ratios(engines) == pytest.approx({"step_time_ratio_ssd_sds": 1.5, "step_time_ratio_ssd_sds_paired": 4 / 3})
+    assert bench.step_time_ratios({"sds": engines["sds"]}) == {}
+
+
+def test_bench_engines_variance_ratio_is_the_mean_of_per_checkpoint_ratios():
+    bench = _load("bench_engines")
+    variance = {"ssd": {10: {"var_theta": 1.0, "var_image": 9.0}, 20: {"var_theta": 3.0, "var_image": 1.0}},
+                "sds": {10: {"var_theta": 2.0, "var_image": 3.0}, 20: {"var_theta": 4.0, "var_image": 1.0}}}
+    assert bench.variance_ratio(variance, "ssd", "sds") == pytest.approx(0.625)  # (1/2 + 3/4) / 2, not 4/6
+    assert bench.variance_ratio(variance, "ssd", "sds", "var_image") == pytest.approx(2.0)
+
+
 def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     out = tmp_path / "engines.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",
@@ -53,15 +75,14 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     assert res["device"].startswith("cpu")
     for engine in ("sds", "ssd"):
         e = res["engines"][engine]
-        assert e["step_seconds"] > e["unet_cfg_seconds"] > 0
-        assert e["step_over_unet"] == pytest.approx(e["step_seconds"] / e["unet_cfg_seconds"])
+        assert e["step_seconds"] > e["unet_cfg_seconds"] > 0 and e["step_over_unet"] > 1 and e["step_over_unet_paired"] > 1
         assert {"render", "backward", "unet_cfg"} <= set(e["breakdown"])
         mesh = e["mesh_stage"]  # the mesh stage, from the NeRF stage's field
         assert mesh["stage"] == "mesh" and mesh["faces"] > 0
         assert mesh["step_seconds"] > mesh["unet_cfg_seconds"] > 0 and {"render", "backward", "unet_cfg"} <= set(mesh["breakdown"])
-    assert res["step_time_ratio_ssd_sds"] == pytest.approx(res["engines"]["ssd"]["step_seconds"] / res["engines"]["sds"]["step_seconds"])
-    assert res["step_time_ratio_ssd_sds_paired"] == pytest.approx(
-        res["engines"]["ssd"]["step_over_unet_paired"] / res["engines"]["sds"]["step_over_unet_paired"])
+    # The ratios' arithmetic is checked on known inputs above; here, that the run reports them.
+    assert all(math.isfinite(res[k]) and res[k] > 0 for k in ("step_time_ratio_ssd_sds", "step_time_ratio_ssd_sds_paired"))
+    assert "step_time_ratio_ssd_vsd" not in res  # VSD not run
     assert res["engines"]["sds"]["backends"]["hashgrid"] in ("cpu", "torch")  # what served the field
     for engine in ("sds", "ssd"):  # the profiler's table of the same step
         table = (tmp_path / f"profile.{engine}.txt").read_text()

@@ -271,7 +271,7 @@ def test_memory_flat_over_a_long_run(tiny_pixel_model, tmp_path):
             diff = snapshot.filter_traces(ignore).compare_to(seen.pop("snapshot").filter_traces(ignore), "lineno")
             seen["grown"] = sum(d.size_diff for d in diff)
             seen["top"] = [str(d) for d in diff[:3]]
-            mu = stage.distiller.mu.state_dict()
+            mu = stage.ctx.distiller.mu.state_dict()
             seen["mu_graph"] = [k for k, v in mu.items() if torch.is_tensor(v) and (v.requires_grad or v.grad_fn is not None)]
 
     run_dir = tmp_path / "run"

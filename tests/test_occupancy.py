@@ -35,6 +35,48 @@ def test_grid_marks_exactly_the_cells_of_a_ball_up_to_one_cell_of_dilation():
     assert grid.query(pts).tolist() == [True, False, True]  # outside the grid: never skipped
 
 
+def _cell_ball(resolution: int, centre: tuple, radius: float) -> torch.Tensor:
+    """Bool [R, R, R]: the cells whose integer index lies within `radius` (in cells) of `centre`."""
+    i = torch.arange(resolution)
+    ijk = torch.stack(torch.meshgrid(i, i, i, indexing="ij"), -1).float()
+    return ((ijk - torch.tensor(centre).float()) ** 2).sum(-1) <= radius**2
+
+
+def _grown(mask: torch.Tensor, by: int) -> torch.Tensor:
+    """Every cell within `by` cells (per axis) of a True cell, by shifting the mask: no pooling."""
+    out, r = mask.clone(), mask.shape[0]
+    for dx in range(-by, by + 1):
+        for dy in range(-by, by + 1):
+            for dz in range(-by, by + 1):
+                src = [slice(max(0, -d), r - max(0, d)) for d in (dx, dy, dz)]
+                dst = [slice(max(0, d), r - max(0, -d)) for d in (dx, dy, dz)]
+                out[dst[0], dst[1], dst[2]] |= mask[src[0], src[1], src[2]]
+    return out
+
+
+@pytest.mark.parametrize("dilate", [0, 1])
+@pytest.mark.parametrize("threshold, high, low", [(0.01, 50.0, 0.0), (0.5, 0.5, 0.01)])
+def test_update_gives_exactly_the_cells_of_a_density_that_is_constant_per_cell(dilate, threshold, high, low):
+    """sigma = `high` in a known ball of cells and `low` elsewhere, constant over each cell (so the
+    jitter does not matter): the mask is that ball of cells, grown by `dilate`, exactly. In the
+    second case the ball's opacity over one cell (1 - exp(-0.5 * 0.125) = 0.06) is below the
+    threshold 0.5 but above the grid's mean (the ball is ~4 % of the cells, the rest has opacity
+    0.00125): nerfacc's min(threshold, mean) keeps the ball and nothing else."""
+    res, bound = 16, 1.0
+    ball_cells = _cell_ball(res, (9, 6, 7), 2.5)
+
+    def density(points):
+        idx = (((points / bound) * 0.5 + 0.5) * res).floor().long().clamp(0, res - 1)
+        inside = ball_cells[idx[:, 0], idx[:, 1], idx[:, 2]]
+        return torch.where(inside, high, low)
+
+    grid = OccupancyGrid(OccupancyConfig(resolution=res, threshold=threshold, dilate=dilate), bound)
+    frac = grid.update(density, torch.Generator().manual_seed(0))
+    expected = _grown(ball_cells, dilate)
+    assert torch.equal(grid.mask, expected)
+    assert frac == pytest.approx(float(expected.float().mean()))
+
+
 @pytest.mark.parametrize("dilate", [0, 1, 2])
 def test_dilation_grows_an_occupied_cell_into_a_cube_of_neighbours(dilate):
     from steindreamer.render.occupancy import occupied_cells
@@ -52,10 +94,11 @@ def test_select_keeps_exactly_the_points_query_keeps(backend, monkeypatch):
     """select (the renderer's packing; a C loop on CPU where a compiler builds it) = query().nonzero(),
     with points outside the grid, on its faces and NaN / infinite ones all kept."""
     from steindreamer.backends import occupancy_backend
+    from steindreamer.render.occupancy import library
 
     if backend == "torch":
         monkeypatch.setenv("STEINDREAMER_BACKEND", "torch")
-    elif occupancy_backend("cpu") != "cpu":
+    elif occupancy_backend("cpu", cpu_kernel=library) != "cpu":
         pytest.skip("no C compiler builds the occupancy kernel here")
     grid = OccupancyGrid(OccupancyConfig(resolution=16), bound=0.8)
     g = torch.Generator().manual_seed(0)
@@ -143,8 +186,9 @@ def test_parity_with_nerfacc_occupancy_estimator(device):
     theirs = est.binaries[0]
     grid = OccupancyGrid(OccupancyConfig(resolution=res), bound).to(device)
     grid.update(ball, torch.Generator().manual_seed(0))
-    ours = occupied_cells(grid.density, cell, 0.01)
-    undilated = 1.0 - torch.exp(-grid.density * cell) > min(0.01, float((1.0 - torch.exp(-grid.density * cell)).mean()))
-    agree = (undilated == theirs).float().mean()
-    assert agree > 0.97, float(agree)
-    assert bool(ours[theirs].all())  # the dilated mask covers every cell nerfacc keeps
+    ours = occupied_cells(grid.density, cell, 0.01, dilate=0)  # nerfacc's mask is not dilated
+    # Both jitter their sample points (each its own way): the masks differ only in cells on the
+    # ball's edge (IoU 0.85 at seed 0; a one-cell dilation scores 0.51, an all-True mask 0.03). IoU,
+    # not agreement: an all-empty mask agrees on the ~97 % of cells outside the ball.
+    iou = float((ours & theirs).sum() / (ours | theirs).sum())
+    assert iou > 0.75, iou

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal, get_args
 
 import numpy as np
 import torch
 
 from steindreamer.export.bake import bake_texture, unwrap, vertex_normals
 from steindreamer.export.gltf import write_glb, write_obj, write_ply
+
+ExportFormat = Literal["glb", "obj", "ply"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
 def _eval_colors(color_fn, points: np.ndarray, device, chunk: int = 1 << 16) -> np.ndarray:
@@ -25,7 +28,7 @@ def export_textured(
     faces: np.ndarray,
     color_fn: Callable[[torch.Tensor], torch.Tensor],
     texture_size: int = 1024,
-    formats: Iterable[str] = ("glb", "obj", "ply"),
+    formats: Iterable[str] = FORMATS,
     stem: str = "mesh",
     device: str | torch.device = "cpu",
     stems: dict | None = None,
@@ -36,8 +39,8 @@ def export_textured(
     "texture_coverage": fraction of texels covered by charts}."""
     out_dir = Path(out_dir)
     formats = tuple(formats)
-    name = {fmt: (stems or {}).get(fmt, stem) for fmt in ("glb", "obj", "ply")}
-    unknown = set(formats) - {"glb", "obj", "ply"}
+    name = {fmt: (stems or {}).get(fmt, stem) for fmt in FORMATS}
+    unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}")
     vertices = np.asarray(vertices, dtype=np.float32)

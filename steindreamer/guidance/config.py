@@ -6,11 +6,11 @@ from dataclasses import dataclass, field as dc_field
 from typing import Literal, get_args
 
 from ..errors import require, require_choice
+from .schedule import WEIGHTINGS, Weighting
 from .stein import MU_SHAPES, MuShape
 
 Engine = Literal["sds", "vsd", "ssd"]
 ENGINES = get_args(Engine)
-Weighting = Literal["sigma2", "uniform"]  # w(t): sigma2 (= 1 - alpha_bar) | uniform
 # SSD's baseline phi: agreement of the image's depth (or normals) with the render's | constant 1
 Baseline = Literal["depth", "normal", "constant"]
 
@@ -73,7 +73,7 @@ class GuidanceConfig:
         require(0.0 <= self.t_min < self.t_max <= 1.0, f"{key}.t_min/t_max", "0 <= t_min < t_max <= 1")
         require(self.anneal_step < 0 or self.t_min < self.anneal_t_max <= 1.0, f"{key}.anneal_t_max", "in (t_min, 1]")
         require(self.guidance_scale >= 0, f"{key}.guidance_scale", ">= 0")
-        require_choice(self.weighting, get_args(Weighting), f"{key}.weighting")
+        require_choice(self.weighting, WEIGHTINGS, f"{key}.weighting")
         require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0")
         require(bool(self.model.strip()), f"{key}.model", "a folder, hub id or builtin")
         self.ssd.check(f"{key}.ssd")

@@ -14,10 +14,13 @@ Prediction types (diffusers' names), with v = alpha eps - sigma x0:
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-WEIGHTINGS = ("sigma2", "uniform")
+Weighting = Literal["sigma2", "uniform"]  # w(t): sigma2 (= 1 - alpha_bar) | uniform
+WEIGHTINGS = get_args(Weighting)
 
 
 class NoiseSchedule:

@@ -1,4 +1,7 @@
+import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,3 +36,22 @@ def tiny_depth_model(tmp_path_factory):
     from tiny_models import build_tiny_depth
 
     return build_tiny_depth(tmp_path_factory.mktemp("tiny-depth"))
+
+
+@pytest.fixture(scope="session")
+def khronos():
+    """The Khronos glTF validator as `validate(path) -> report`; a test that needs it skips whole, at
+    its start, where node or the npm package is missing."""
+    node = shutil.which("node")
+    tests = Path(__file__).parent
+    if node is None:
+        pytest.skip("glTF validation needs node (not on PATH)")
+    if not (tests / "node_modules" / "gltf-validator").is_dir():
+        pytest.skip("glTF validation needs the npm package: run `npm ci --prefix tests` (or `npm install --prefix tests`)")
+
+    def validate(path):
+        proc = subprocess.run([node, str(tests / "gltf_validate.js"), str(path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode in (0, 1), proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return validate

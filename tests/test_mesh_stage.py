@@ -1,8 +1,6 @@
 """Both stages and export through the CLI: the mesh stage refines the extracted surface, `generate`
 ends with model.glb, mesh.obj and turntable.mp4; `export` and `render` work from checkpoints."""
 import json
-import shutil
-from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
@@ -12,19 +10,9 @@ import trimesh
 from steindreamer.cli import main
 
 from test_cli import FAST
-from test_export import validate
 
 MESH = ["mesh.enabled=true", "mesh.steps=2", "mesh.resolution=16", "mesh.ckpt_every=1", "export.turntable=true",
         "export.turntable_frames=3", "export.turntable_size=16"]
-
-
-def _validator_missing() -> str | None:
-    """Why the Khronos validator cannot run here (what `test_export.validate` would skip on), or None."""
-    if shutil.which("node") is None:
-        return "glTF validation needs node (not on PATH)"
-    if not (Path(__file__).parent / "node_modules" / "gltf-validator").is_dir():
-        return "glTF validation needs the npm package: run `npm ci --prefix tests`"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +23,8 @@ def run(tiny_latent_model, tmp_path_factory):
     return out
 
 
-def test_generated_glb_passes_the_khronos_validator(run):
-    reason = _validator_missing()
-    if reason is not None:
-        pytest.skip(reason)
-    assert validate(run / "model.glb")["numErrors"] == 0
+def test_generated_glb_passes_the_khronos_validator(khronos, run):
+    assert khronos(run / "model.glb")["numErrors"] == 0
 
 
 def test_generate_both_stages_export_and_turntable(run):

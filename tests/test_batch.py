@@ -246,7 +246,7 @@ def test_retry_failed_only_when_asked(scenario, tmp_path):
     ('{"prompt": "a cube"}\n\n{"prompt": "a ball",}\n', "line 3: not valid JSON"),
     ('{"prompt": "a cube"}\n["a ball"]\n', "line 2: expected a JSON object"),
     ('{"prompt": "a cube", "colour": "red"}\n', "line 1: unknown key 'colour'"),
-    ('{"prompt": "  "}\n', "line 1: 'prompt' must be a non-empty string"),
+    ('{"prompt": "  "}\n', "line 1: the prompt is empty"),
     ('{"prompt": "a cube", "seed": "one"}\n', "line 1: 'seed' must be a non-negative integer"),
     ('{"prompt": "a cube"}\n{"prompt": "a ball", "overrides": {"no.such.key": 1}}\n', "line 2: invalid config"),
     ('{"prompt": "a cube"}\n{"prompt": "a ball", "overrides": {"steps": -1}}\n', "line 2: invalid config: train.steps"),

@@ -50,8 +50,8 @@ def _parse_jsonl_line(text: str, where: str) -> tuple[str, list[str]]:
     if unknown:
         raise UserError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(JSONL_KEYS)})")
     prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError(f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(prompt, str):
+        raise UserError(f"{where}: 'prompt' must be a string")
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise UserError(f"{where}: 'seed' must be a non-negative integer")
@@ -64,7 +64,7 @@ def _parse_jsonl_line(text: str, where: str) -> tuple[str, list[str]]:
         raise UserError(f"{where}: 'overrides' must be an object like {{\"steps\": 500}} or a list of \"key=value\" strings")
     if seed is not None:  # the item's seed is an override like any other
         item_overrides.append(f"seed={seed}")
-    return prompt.strip(), item_overrides
+    return prompt, item_overrides
 
 
 def read_prompts(path: Path, preset: str | None, config_file: str | None, overrides: list[str]) -> list[Item]:
@@ -101,7 +101,7 @@ def read_prompts(path: Path, preset: str | None, config_file: str | None, overri
         else:
             prompt, item_overrides = line, []
         try:
-            check_prompt(prompt)  # a model's vocabulary is the child's to check: a failed item, not a failed batch
+            prompt = check_prompt(prompt)  # a model's vocabulary is the child's to check: a failed item, not a failed batch
             cfg = load_config(preset, config_file, overrides + item_overrides) if item_overrides else base
         except UserError as err:
             raise UserError(f"{where}: {err}") from None

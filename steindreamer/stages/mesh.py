@@ -47,11 +47,12 @@ class MeshStage(Stage):
         g = self.cfg.guidance
         return g.t_min, min(self.cfg.mesh.t_max, g.t_max)
 
-    def _render(self, cams, resolution: int, shading: str = "albedo", light=None) -> dict:
-        _, dirs = cams.rays(resolution, resolution)
+    def _render(self, cams, height: int, width: int, shading: str = "albedo", light=None) -> dict:
+        """The mesh over the run's background (the NeRF stage's, frozen)."""
+        _, dirs = cams.rays(height, width)
         with torch.no_grad():
             background = self.ctx.background(dirs)
-        return self.mesh.render(cams, resolution, resolution, background=background, light_direction=light,
+        return self.mesh.render(cams, height, width, background=background, light_direction=light,
                                 ambient=self.cfg.shading.ambient, shading=shading)
 
     def render_train(self) -> tuple[dict, object]:
@@ -60,7 +61,7 @@ class MeshStage(Stage):
         cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen).to(self.device)
         mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + self.step_index, gen)
         light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
-        return self._render(cams, cfg.mesh.resolution, mode, light), cams
+        return self._render(cams, cfg.mesh.resolution, cfg.mesh.resolution, mode, light), cams
 
     def regularizers(self, out: dict, cams) -> torch.Tensor:
         m = self.cfg.mesh
@@ -70,13 +71,11 @@ class MeshStage(Stage):
     def validation_grid(self) -> np.ndarray:
         cfg = self.cfg
         cams = orbit_cameras(cfg.train.val_views, elevation=15.0, distance=float(np.mean(cfg.camera.distance)), fov=float(np.mean(cfg.camera.fov)))
-        return image_grid(self._render(cams.to(self.device), cfg.mesh.resolution))
+        return image_grid(self._render(cams.to(self.device), cfg.mesh.resolution, cfg.mesh.resolution))
 
     @torch.no_grad()
     def preview(self, cameras, height: int, width: int) -> np.ndarray:
-        cameras = cameras.to(self.device)
-        _, dirs = cameras.rays(height, width)
-        out = self.mesh.render(cameras, height, width, background=self.ctx.background(dirs))
+        out = self._render(cameras.to(self.device), height, width)
         return (out["rgb"][0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
     def state_dict(self) -> dict:

@@ -1,6 +1,8 @@
 """The prompt a person typed, checked once before any model loads: not empty, bounded, no control
 characters and, for a model whose folder lists its vocabulary (`steindreamer.json`: "vocabulary",
-"view_words", "max_words"; the built-in model does), only words that model knows."""
+"view_words", "max_words", "aliases", "ignored"; the built-in model's does), only words that model
+knows. For such a model the prompt is also put in its words: lower case, single spaces, aliases
+replaced ("an" -> "a", "cubes" -> "cube"), ignored marks dropped (a closing full stop)."""
 from __future__ import annotations
 
 import json
@@ -29,11 +31,21 @@ def model_vocabulary(location: str) -> dict | None:
         raise UserError(f"cannot read the model card {card}: {err}") from None
     if not isinstance(info.get("vocabulary"), list):
         return None
-    return {"vocabulary": info["vocabulary"], "view_words": info.get("view_words", []), "max_words": info.get("max_words")}
+    return {"vocabulary": info["vocabulary"], "view_words": info.get("view_words", []), "max_words": info.get("max_words"),
+            "aliases": info.get("aliases", {}), "ignored": info.get("ignored", [])}
+
+
+def _join(tokens: list[str]) -> str:
+    """Words with single spaces, punctuation attached to the word before it ("a cube, front view")."""
+    text = ""
+    for token in tokens:
+        text += token if (not text or not token[0].isalnum()) else " " + token
+    return text
 
 
 def check_prompt(prompt: str, model_location: str | None = None) -> str:
-    """The prompt stripped, or a one-line UserError naming what is wrong with it."""
+    """The prompt stripped (and in the model's words, for a model with a vocabulary), or a one-line
+    UserError naming what is wrong with it."""
     prompt = prompt.strip()
     if not prompt:
         raise UserError("the prompt is empty")
@@ -43,7 +55,7 @@ def check_prompt(prompt: str, model_location: str | None = None) -> str:
         raise UserError("the prompt contains control characters")
     known = model_vocabulary(model_location) if model_location else None
     if known is not None:
-        said = words(prompt)
+        said = [known["aliases"].get(w, w) for w in words(prompt) if w not in known["ignored"]]
         unknown = [w for w in said if w not in known["vocabulary"]]
         if unknown:
             listed = " ".join(w for w in known["vocabulary"] if w not in known["view_words"])
@@ -51,4 +63,7 @@ def check_prompt(prompt: str, model_location: str | None = None) -> str:
                             f"its vocabulary is: {listed}")
         if known["max_words"] is not None and len(said) > known["max_words"]:
             raise UserError(f"the prompt has {len(said)} words; this model reads at most {known['max_words']}")
+        if not said:
+            raise UserError("the prompt is empty")
+        prompt = _join(said)
     return prompt

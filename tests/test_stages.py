@@ -44,8 +44,8 @@ def test_refused_prompt_writes_nothing_and_the_corrected_one_runs(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "'banana'" in err and "\n" not in err
     assert not out.exists()  # no config.yaml or prompt.txt left behind to block the rerun
-    assert main([args[0], "a red cube", *args[1:]]) == 0
-    assert (out / "prompt.txt").read_text() == "a red cube\n"
+    assert main([args[0], " A  Red Cube. ", *args[1:]]) == 0  # as a person types it
+    assert (out / "prompt.txt").read_text() == "a red cube\n"  # in the model's words
 
 
 def test_textureless_mesh_step_renders_white_shading(tiny_latent_model):

@@ -134,7 +134,7 @@ def test_check_prompt_with_the_builtin_models_vocabulary():
     # The shipped folder's card is what training writes (the vocabulary lives with the model).
     assert json.loads((DIFFUSION_DIR / "steindreamer.json").read_text()) == MODEL_CARD
     for text in training_captions()[:40] + ["A Red Cube", "a blue torus, overhead view"]:
-        assert check_prompt(f"  {text} ", str(DIFFUSION_DIR)) == text
+        assert check_prompt(f"  {text} ", str(DIFFUSION_DIR)) == text.lower()
     with pytest.raises(UserError) as e:
         check_prompt("a red dog on a teapot", str(DIFFUSION_DIR))
     msg = str(e.value)
@@ -144,6 +144,12 @@ def test_check_prompt_with_the_builtin_models_vocabulary():
     with pytest.raises(UserError, match="at most 14"):
         check_prompt("a " * 15 + "cube", str(DIFFUSION_DIR))
     assert check_prompt("a red dog", None) == "a red dog"  # a model without a card: no vocabulary check
+    # What people type becomes the model's words: articles, plurals, capitals, spaces, a full stop.
+    for typed, meant in [("An orange pyramid", "a orange pyramid"), ("  The  Green CUBES. ", "a green cube"),
+                         ("a blue torus , overhead view", "a blue torus, overhead view"), ("one yellow tori!", "a yellow torus")]:
+        assert check_prompt(typed, str(DIFFUSION_DIR)) == meant
+    with pytest.raises(UserError, match="empty"):
+        check_prompt(" . ", str(DIFFUSION_DIR))
 
 
 def test_tokenizer_one_token_per_word():

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from steindreamer.toy.vocab import MAX_LENGTH, VIEW_WORDS, WORDS
+from steindreamer.toy.vocab import ALIASES, MAX_LENGTH, VIEW_WORDS, WORDS
 from steindreamer.toy.world import TOY_RESOLUTION
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 DIFFUSION_DIR = BUILTIN_DIR / "diffusion"
 DEPTH_DIR = BUILTIN_DIR / "depth"
 MODEL_CARD = {"space": "pixel", "resolution": TOY_RESOLUTION, "channels": 3, "scaling": "x = 2 * rgb - 1",
-              "prediction_type": "epsilon", "vocabulary": list(WORDS), "view_words": list(VIEW_WORDS), "max_words": MAX_LENGTH - 2}
+              "prediction_type": "epsilon", "vocabulary": list(WORDS), "view_words": list(VIEW_WORDS), "max_words": MAX_LENGTH - 2,
+              "aliases": ALIASES, "ignored": [".", "!"]}
 
 
 def build_unet():

@@ -8,6 +8,8 @@ from steindreamer.toy.world import COLOURS, SHAPES
 
 VIEW_WORDS = ("front", "side", "back", "overhead", "view", ",")  # what view-dependent prompting appends
 WORDS = ("a", *COLOURS, *SHAPES, *VIEW_WORDS)
+# What a person types for the same thing: other articles, plurals (the world has one object a scene).
+ALIASES = {"an": "a", "the": "a", "one": "a", **{f"{s}s": s for s in SHAPES}, "tori": "torus", "toruses": "torus"}
 MAX_LENGTH = 16  # "a purple cylinder, overhead view" is 6 words + 2 markers
 
 

@@ -77,7 +77,9 @@ def generate(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show
         "steps": nerf.step_index,
         "seconds": time.perf_counter() - start,
         "final": {k: last[k] for k in ("loss", "opacity", "mu", "variance") if k in last},
-        "mesh": {"vertices": int(len(vertices)), "faces": int(len(faces)), "texture_coverage": exported.get("texture_coverage")},
+        "mesh": {"vertices": int(len(vertices)) - exported["removed"]["unreferenced_vertices"],  # as exported, after the repair
+                 "faces": int(len(faces)) - exported["removed"]["degenerate_faces"], "removed_at_export": exported["removed"],
+                 "texture_coverage": exported.get("texture_coverage")},
         "timings": timings,
         "files": run.files(),
     }

@@ -164,3 +164,34 @@ def test_contact_sheet(tmp_path):
     assert (sheet[:4, :5] == 0).all() and (sheet[6:10, 7:12] == 80).all() and (sheet[6:, 14:] == 255).all()
     path = save_contact_sheet(frames, tmp_path / "sheet.png", cols=3)
     np.testing.assert_array_equal(np.asarray(__import__("PIL.Image").Image.open(path).convert("RGB")), sheet)
+
+
+def _broken_mesh():
+    """A sphere plus what a trained mesh can hold: a face with a repeated corner, a zero-area face on
+    three collinear vertices, an unused vertex, and a fin (one triangle twice, opposite windings:
+    its vertices' area-weighted normals cancel to zero length)."""
+    v, f = sphere(1)
+    n = len(v)
+    extra = np.array([[2, 0, 0], [2.1, 0, 0], [2.2, 0, 0], [9, 9, 9], [0, 2, 0], [0, 2.2, 0], [0.2, 2, 0]], dtype=np.float32)
+    faces = np.concatenate([f, [[0, 0, 1], [n, n + 1, n + 2], [n + 4, n + 5, n + 6], [n + 4, n + 6, n + 5]]])
+    return np.concatenate([v, extra]), faces, len(f)
+
+
+def test_export_repairs_degenerate_faces_unused_vertices_and_zero_normals(tmp_path):
+    from steindreamer.export.bake import vertex_normals
+
+    v, f, good = _broken_mesh()
+    assert (np.linalg.norm(vertex_normals(v, f)[len(v) - 3:], axis=1) > 0.99).all()  # the fin: unit normals
+    result = export_textured(tmp_path, v, f, gradient_color, texture_size=64, formats=("glb", "ply"))
+    assert result["removed"] == {"degenerate_faces": 2, "unreferenced_vertices": 4}
+    glb = trimesh.load(result["paths"]["glb"], force="mesh", process=False)
+    assert len(glb.faces) == good + 2
+    assert np.allclose(np.linalg.norm(glb.vertex_normals, axis=1), 1.0, atol=1e-5)
+    ply = trimesh.load(result["paths"]["ply"], process=False)
+    assert len(ply.vertices) == len(v) - 7 + 3 and len(ply.faces) == good + 2
+
+
+def test_export_of_a_broken_mesh_validates(khronos, tmp_path):
+    v, f, _ = _broken_mesh()
+    report = khronos(export_textured(tmp_path, v, f, gradient_color, texture_size=64, formats=("glb",))["paths"]["glb"])
+    assert report["numErrors"] == 0, report

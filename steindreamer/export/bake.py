@@ -45,6 +45,16 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     for k in range(3):
         np.add.at(vn, faces[:, k], fn)
     norm = np.linalg.norm(vn, axis=1, keepdims=True)
+    # Where the area-weighted sum cancels (a vertex between opposite faces, a fin), any adjacent
+    # face's normal keeps the normal unit length, as glTF requires; +Y where no face has an area.
+    face_len = np.linalg.norm(fn, axis=1)
+    tiny = norm[:, 0] <= 1e-12 * max(1.0, float(face_len.max(initial=0.0)))
+    if tiny.any():
+        fallback = np.tile([0.0, 1.0, 0.0], (len(v), 1))
+        usable = face_len > 0
+        for k in range(3):
+            fallback[faces[usable, k]] = fn[usable] / face_len[usable, None]
+        vn[tiny], norm[tiny] = fallback[tiny], 1.0
     return (vn / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 

@@ -22,6 +22,21 @@ def _eval_colors(color_fn, points: np.ndarray, device, chunk: int = 1 << 16) -> 
         return torch.cat([color_fn(c).float().clamp(0, 1) for c in p.split(chunk)]).cpu().numpy()
 
 
+def repair_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What a glTF validator refuses, removed before export: faces with repeated corners or (near)
+    zero area, and vertices no face uses. Returns (vertices float32, faces int64, counts removed)."""
+    import trimesh  # noqa: PLC0415
+
+    mesh = trimesh.Trimesh(np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64), process=False)
+    n_faces, n_vertices = len(mesh.faces), len(mesh.vertices)
+    mesh.update_faces(mesh.nondegenerate_faces(height=1e-12))
+    mesh.remove_unreferenced_vertices()
+    if len(mesh.faces) == 0:
+        raise ValueError("the mesh has no face with a non-zero area")
+    removed = {"degenerate_faces": n_faces - len(mesh.faces), "unreferenced_vertices": n_vertices - len(mesh.vertices)}
+    return np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64), removed
+
+
 def export_textured(
     out_dir,
     vertices: np.ndarray,
@@ -35,16 +50,16 @@ def export_textured(
 ) -> dict:
     """Unwrap (xatlas), bake `color_fn` (world points [N,3] -> RGB [N,3] in [0,1]) into a
     texture_size^2 texture and write `<stem>.glb`, `<stem>.obj` (+ .mtl, .png) and `<stem>.ply`
-    (vertex colours) under out_dir; `stems` may name each format's file differently ({"glb": "model"}). Returns {"paths": {format: Path}, "seconds": {...},
-    "texture_coverage": fraction of texels covered by charts}."""
+    (vertex colours) under out_dir; `stems` may name each format's file differently ({"glb": "model"}).
+    The mesh is repaired first (`repair_mesh`). Returns {"paths": {format: Path}, "seconds": {...},
+    "texture_coverage": fraction of texels covered by charts, "removed": what the repair dropped}."""
     out_dir = Path(out_dir)
     formats = tuple(formats)
     name = {fmt: (stems or {}).get(fmt, stem) for fmt in FORMATS}
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}")
-    vertices = np.asarray(vertices, dtype=np.float32)
-    faces = np.asarray(faces, dtype=np.int64)
+    vertices, faces, removed = repair_mesh(vertices, faces)
     seconds, paths = {}, {}
     t = time.perf_counter()
     if "glb" in formats or "obj" in formats:
@@ -68,7 +83,7 @@ def export_textured(
         t = time.perf_counter()
         paths["ply"] = write_ply(out_dir / f"{name['ply']}.ply", vertices, faces, _eval_colors(color_fn, vertices, device))
         seconds["write_ply"] = time.perf_counter() - t
-    return {"paths": paths, "seconds": seconds, "texture_coverage": coverage}
+    return {"paths": paths, "seconds": seconds, "texture_coverage": coverage, "removed": removed}
 
 
 class _ColorModule(torch.nn.Module):

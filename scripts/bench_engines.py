@@ -54,8 +54,12 @@ def draw_g(stage: NeRFStage, update: bool):
     return x, grad
 
 
-def variance_at(stage: NeRFStage, field_state: dict, args) -> dict:
+def variance_at(stage: NeRFStage, field_state: dict, step: int, args) -> dict:
+    """Variance of G and of its theta gradient at the field state of `step`, rendered as training
+    renders at that step (its shading schedule, t annealing). `stage` must be fresh: what an
+    estimator fits (mu sums, the LoRA) is fitted here, at this state, and nowhere else."""
     stage.field.load_state_dict(field_state)
+    stage.step_index = step
     for _ in range(args.adapt):  # SSD fits (mu, nu), VSD trains its LoRA, at this theta
         with torch.no_grad():
             draw_g(stage, update=True)
@@ -67,6 +71,12 @@ def variance_at(stage: NeRFStage, field_state: dict, args) -> dict:
 
     report = gradient_variance(draw, args.draws)
     return {"var_image": report.var_image, "var_theta": report.var_theta}
+
+
+def variance_table(states: dict, make, args) -> dict:
+    """{engine: {step: variance_at(...)}}, each (engine, step) on a stage of its own from `make`
+    (a stage reused across states would carry one state's mu sums into the next)."""
+    return {e: {step: variance_at(make(e), state, step, args) for step, state in states.items()} for e in ENGINES}
 
 
 def run_quality(engine: str, args) -> dict:
@@ -138,11 +148,7 @@ def main() -> int:
         ref.step()
         if step in marks:
             states[step] = copy.deepcopy(ref.field.state_dict())
-    variance = {e: {} for e in ENGINES}
-    for engine in ENGINES:
-        stage = make_stage(engine, args)
-        for step, state in states.items():
-            variance[engine][step] = variance_at(stage, state, args)
+    variance = variance_table(states, lambda engine: make_stage(engine, args), args)
 
     def ratio(a, b, key="var_theta"):
         return variance_ratio(variance, a, b, key)

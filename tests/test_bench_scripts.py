@@ -87,3 +87,36 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     for engine in ("sds", "ssd"):  # the profiler's table of the same step
         table = (tmp_path / f"profile.{engine}.txt").read_text()
         assert table.startswith("4 NeRF-stage steps") and "aten::" in table
+
+
+def test_bench_engines_measures_each_state_fresh_and_as_training_renders_it(monkeypatch):
+    """The variance meter's two defects: every (engine, state) gets a stage of its own, and the stage
+    renders at that state's step (the shading schedule), not at step 0 (albedo only)."""
+    from types import SimpleNamespace
+
+    bench = _load("bench_engines")
+    made, seen = [], []
+
+    class FakeField:
+        def load_state_dict(self, state):
+            self.state = state
+
+        def parameters(self):
+            return []
+
+    def make(engine):
+        stage = SimpleNamespace(engine=engine, field=FakeField(), step_index=0)
+        made.append(stage)
+        return stage
+
+    def fake_variance(draw, n):
+        draw(0)
+        return SimpleNamespace(var_image=1.0, var_theta=2.0)
+
+    monkeypatch.setattr(bench, "draw_g", lambda stage, update: seen.append((stage.engine, stage.step_index, stage.field.state)) or (None, torch.zeros(1)))
+    monkeypatch.setattr(bench, "induced_theta_grad", lambda x, grad, params: None)
+    monkeypatch.setattr(bench, "gradient_variance", fake_variance)
+    table = bench.variance_table({100: "state-100", 200: "state-200"}, make, SimpleNamespace(adapt=1, draws=2))
+    assert len(made) == 2 * len(bench.ENGINES) and len({id(s) for s in made}) == len(made)
+    assert {(e, step, state) for e, step, state in seen} == {(e, s, f"state-{s}") for e in bench.ENGINES for s in (100, 200)}
+    assert table["sds"][200] == {"var_image": 1.0, "var_theta": 2.0}

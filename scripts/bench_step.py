@@ -181,7 +181,7 @@ def bench_engine(engine: str, args, device) -> dict:
         modes.append("normal" in out)
         # The parts of the guidance call, each measured alone on the same inputs.
         with torch.no_grad():
-            x_t = guidance.add_noise(x.detach().float(), noise, t)
+            x_t = guidance.schedule.add_noise(x.detach().float(), noise, t)
             with clock("unet_cfg"):
                 guidance.predict_eps_cfg(x_t, t, cond, ctx.uncond, cfg.guidance.guidance_scale)
         if engine == "ssd" and ctx.distiller.estimate is not None:
@@ -217,7 +217,7 @@ def bench_mesh(nerf: NeRFStage, args, device) -> dict:
     for i in range(args.warmup + args.steps):
         out, cams, x, cond, t, noise = timed_step(stage, clock)
         with torch.no_grad():
-            x_t = guidance.add_noise(x.detach().float(), noise, t)
+            x_t = guidance.schedule.add_noise(x.detach().float(), noise, t)
             with clock("unet_cfg"):
                 guidance.predict_eps_cfg(x_t, t, cond, nerf.ctx.uncond, cfg.guidance.guidance_scale)
     return {"stage": "mesh", **timings(clock, args.warmup), "peak_memory_mib": peak_mib(device), "faces": int(stage.mesh.faces.shape[0]),

@@ -32,8 +32,8 @@ def test_loader_latent_model_cfg_matches_two_unet_calls(tiny_latent_model):
     assert x.shape == (2, 4, 16, 16)
     t = torch.tensor([100, 700])
     noise = torch.randn_like(x)
-    x_t = guide.add_noise(x.detach(), noise, t)
-    a, s = guide.alpha_sigma(t)
+    x_t = guide.schedule.add_noise(x.detach(), noise, t)
+    a, s = guide.schedule.alpha_sigma(t)
     assert torch.allclose(x_t, a.view(-1, 1, 1, 1) * x + s.view(-1, 1, 1, 1) * noise, atol=1e-5)
     cond = guide.text_embeddings(["a red cube", "a red cube"])
     uncond = guide.text_embeddings([""])
@@ -47,7 +47,7 @@ def test_loader_latent_model_cfg_matches_two_unet_calls(tiny_latent_model):
 
 def test_loader_pixel_model_converts_v_prediction(tiny_pixel_model):
     guide = DiffusionGuidance(str(tiny_pixel_model), torch.device("cpu"))
-    assert guide.vae is None and guide.prediction_type == "v_prediction"
+    assert guide.vae is None and guide.schedule.prediction_type == "v_prediction"
     x = guide.encode(torch.rand(1, 3, 16, 16))
     assert x.shape == (1, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
     t = torch.tensor([500])
@@ -55,7 +55,7 @@ def test_loader_pixel_model_converts_v_prediction(tiny_pixel_model):
     with torch.no_grad():
         v = guide.unet(x, t, encoder_hidden_states=emb).sample
         eps = guide.unet_eps(x, t, emb)
-    a, s = guide.alpha_sigma(t)
+    a, s = guide.schedule.alpha_sigma(t)
     assert torch.allclose(eps, a * v + s * x, atol=1e-5)
 
 
@@ -77,21 +77,21 @@ def test_missing_model_folder_is_a_user_error(tmp_path):
 
 
 def test_guidance_noise_maths_is_its_schedules(tiny_latent_model):
-    """DiffusionGuidance's alpha_sigma / add_noise / weight / sample_t are its NoiseSchedule's, which
-    are bit for bit the formulas the reference run was taken with."""
+    """DiffusionGuidance's NoiseSchedule (alpha_sigma / add_noise / weight / sample_t) is bit for bit
+    the formulas the reference run was taken with."""
     from steindreamer.guidance.schedule import NoiseSchedule
 
     guide = DiffusionGuidance(str(tiny_latent_model), torch.device("cpu"))
-    assert isinstance(guide.schedule, NoiseSchedule) and guide.schedule.prediction_type == guide.prediction_type
+    assert isinstance(guide.schedule, NoiseSchedule) and guide.schedule.prediction_type == guide.scheduler.config.prediction_type
     abar = guide.scheduler.alphas_cumprod.to(dtype=torch.float32)
-    assert torch.equal(guide.alphas_cumprod, abar) and guide.num_train_timesteps == len(abar)
+    assert torch.equal(guide.schedule.alphas_cumprod, abar) and guide.schedule.num_train_timesteps == len(abar)
     g = torch.Generator().manual_seed(0)
     x, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
-    t = guide.sample_t(3, 0.02, 0.98, torch.Generator().manual_seed(1))
+    t = guide.schedule.sample_t(3, 0.02, 0.98, torch.Generator().manual_seed(1))
     assert torch.equal(t, torch.randint(20, 981, (3,), generator=torch.Generator().manual_seed(1)))
     a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
-    assert torch.equal(guide.add_noise(x, noise, t), a.view(-1, 1, 1, 1) * x + s.view(-1, 1, 1, 1) * noise)
-    assert torch.equal(guide.weight(t, "sigma2"), 1 - abar[t])
+    assert torch.equal(guide.schedule.add_noise(x, noise, t), a.view(-1, 1, 1, 1) * x + s.view(-1, 1, 1, 1) * noise)
+    assert torch.equal(guide.schedule.weight(t, "sigma2"), 1 - abar[t])
     emb = guide.text_embeddings(["a cube"] * 3)
     with torch.no_grad():  # an epsilon model: unet_eps is the UNet's output as is
         out = guide.unet(x.contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=emb).sample

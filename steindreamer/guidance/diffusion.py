@@ -185,31 +185,6 @@ class DiffusionGuidance:
             return z
         return self.vae.decode(z / self.vae.config.scaling_factor).sample
 
-    # --- noise: thin delegates to self.schedule (NoiseSchedule owns the maths) -----------------------
-    @property
-    def prediction_type(self) -> str:
-        return self.schedule.prediction_type
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.schedule.num_train_timesteps
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.schedule.alphas_cumprod
-
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.schedule.alpha_sigma(t)
-
-    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.add_noise(x, noise, t)
-
-    def weight(self, t: torch.Tensor, weighting: str = "sigma2") -> torch.Tensor:
-        return self.schedule.weight(t, weighting)
-
-    def sample_t(self, batch: int, t_min: float, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.schedule.sample_t(batch, t_min, t_max, generator)
-
     def unet_eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
         """One UNet call, converted to an epsilon prediction whatever the model predicts."""
         x_in = x_t.to(self.dtype).contiguous(memory_format=torch.channels_last)

@@ -47,11 +47,11 @@ class Distiller:
         """G for one draw (t, noise). With update=False nothing is learned from it (mu sums, LoRA):
         the variance meter draws extra samples that way."""
         g, guide = self.cfg, self.guidance
-        weight = guide.weight(t, g.weighting)
+        weight = guide.schedule.weight(t, g.weighting)
         x0 = x.detach().float()
         logs: dict = {}
         with torch.no_grad():
-            x_t = guide.add_noise(x0, noise, t)
+            x_t = guide.schedule.add_noise(x0, noise, t)
             eps = self._eps_pretrained(x_t, t, cond, uncond)
         if g.engine == "sds":
             grad = sds(eps, noise, weight)
@@ -78,7 +78,7 @@ class Distiller:
 
     def _control_variate(self, x_t, noise, t, render, cameras):
         g, guide = self.cfg, self.guidance
-        _, sigma = guide.alpha_sigma(t)
+        _, sigma = guide.schedule.alpha_sigma(t)
         decode = guide.decode if guide.vae is not None else None
         if g.ssd.baseline == "constant":
             phi, grad_phi = constant_baseline(x_t)

@@ -47,7 +47,7 @@ class Context:
         return self.guidance.text_embeddings([self.prompts[s] for s in view_suffixes(cameras, self.cfg.camera)])
 
     def draw_noise(self, x: torch.Tensor, t_min: float, t_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.guidance.sample_t(x.shape[0], t_min, t_max, self.generator)
+        t = self.guidance.schedule.sample_t(x.shape[0], t_min, t_max, self.generator)
         noise = torch.randn(x.shape, generator=self.generator).to(x.device, torch.float32)
         return t, noise
 

@@ -15,7 +15,7 @@ from .export.extract import extract_field_surface
 from .export.pipeline import export_textured, turntable_frames
 from .export.video import save_contact_sheet, write_turntable
 from .field.nerf import AlbedoField
-from .render.volume import render_views
+from .render.volume import render_views, to_uint8
 from .runfolder import RunFolder
 
 STEMS = {"glb": "model", "obj": "mesh", "ply": "mesh"}  # file name of each format
@@ -44,7 +44,7 @@ def turntable_from_nerf(run_dir: Path, field, background, cfg: Config, frames: i
     images = []
     for i in range(len(cams)):
         out = render_views(field, background, cams[i].to(device), cfg.render, size or e.turntable_size, perturb=False)
-        images.append((out["rgb"][0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+        images.append(to_uint8(out["rgb"][0]))
     return _write_turntable(run_dir, images)
 
 

@@ -144,8 +144,10 @@ def test_compiled_encoding_matches_eager_and_normals_stay_eager():
 
 
 def test_compile_is_refused_beside_a_named_fused_kernel_and_flagged_beside_a_picked_one(caplog):
-    """field.grid.compile applies to the PyTorch encoding only: with a fused backend named it is a
-    user error; where 'auto' picks a fused kernel it is said to have no effect (and the kernel runs)."""
+    """field.grid.compile applies to the PyTorch encoding only: with a fused backend named the config
+    is refused when checked (before any work); where 'auto' picks a fused kernel it is said to have no
+    effect (and the kernel runs)."""
+    from steindreamer.config import load_config
     from steindreamer.errors import UserError
     from steindreamer.field import hashgrid_cpu
     from steindreamer.field.hashgrid import make_hashgrid
@@ -153,7 +155,9 @@ def test_compile_is_refused_beside_a_named_fused_kernel_and_flagged_beside_a_pic
     cfg = HashGridConfig(levels=2, features=2, log2_table=8, base_res=4, max_res=16, compile=True)
     for backend in ("cpu", "tcnn", "triton"):
         with pytest.raises(UserError, match="compile"):
-            make_hashgrid(dataclasses.replace(cfg, backend=backend), 1.0, "cpu")
+            dataclasses.replace(cfg, backend=backend).check()
+    with pytest.raises(UserError, match="field.grid.compile"):
+        load_config(None, None, ["field.grid.compile=true", "field.grid.backend=cpu"])
     assert make_hashgrid(dataclasses.replace(cfg, backend="torch"), 1.0, "cpu").kernel == "torch"
     if hashgrid_cpu.library() is None:
         pytest.skip("no C compiler builds the fused hash grid here: 'auto' takes the PyTorch path, compiled")

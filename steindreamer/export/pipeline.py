@@ -11,6 +11,7 @@ import torch
 
 from steindreamer.export.bake import bake_texture, unwrap, vertex_normals
 from steindreamer.export.gltf import write_glb, write_obj, write_ply
+from steindreamer.render.volume import to_uint8
 
 ExportFormat = Literal["glb", "obj", "ply"]
 FORMATS: tuple[str, ...] = get_args(ExportFormat)
@@ -121,5 +122,5 @@ def turntable_frames(
         for i in range(0, n_frames, batch):
             out = field.render(cams[i : i + batch], size, size, background=background, light_direction=light_direction,
                                shading="albedo" if light_direction is None else "lambertian")
-            frames += list((out["rgb"].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
+            frames += list(to_uint8(out["rgb"]))
     return frames

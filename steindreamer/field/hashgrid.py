@@ -14,7 +14,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..backends import hashgrid_backend
-from ..errors import UserError, require, require_choice
+from ..errors import require, require_choice
 from . import hashgrid_cpu
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class HashGridConfig:
         require(1 <= self.log2_table <= 24, f"{key}.log2_table", "in [1, 24]")
         require(1 <= self.base_res <= self.max_res, f"{key}.base_res/max_res", "1 <= base_res <= max_res")
         require_choice(self.backend, GRID_BACKENDS, f"{key}.backend")
+        require(not (self.compile and self.backend in ("cpu", "tcnn", "triton")), f"{key}.compile",
+                f"false with {key}.backend={self.backend} (it compiles the PyTorch encoding only: use backend=torch)")
 
 
 def level_resolutions(cfg: HashGridConfig) -> list[int]:
@@ -232,8 +234,6 @@ class TcnnHashGridEncoding(nn.Module):
 
 
 def make_hashgrid(cfg: HashGridConfig, bound: float, device) -> nn.Module:
-    if cfg.compile and cfg.backend in ("cpu", "tcnn", "triton"):
-        raise UserError(f"field.grid.compile=true applies to the PyTorch encoding only, not to field.grid.backend={cfg.backend} (use backend=torch, or compile=false)")
     backend = hashgrid_backend(device, cfg.backend, cpu_kernel=hashgrid_cpu.library)
     if cfg.compile and backend != "torch":
         log.warning("field.grid.compile=true has no effect: the fused '%s' kernel serves the hash grid here (field.grid.backend=torch to compile the PyTorch encoding)", backend)

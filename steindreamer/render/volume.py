@@ -237,5 +237,9 @@ def render_frame(field, background, cameras: Cameras, render_cfg, height: int, w
     chunk = render_cfg.chunk
     parts = [render_rays(field, o[i:i + chunk], d[i:i + chunk], bg[i:i + chunk], render_cfg, perturb=False)["rgb"]
              for i in range(0, o.shape[0], chunk)]
-    rgb = torch.cat(parts).reshape(height, width, 3)
+    return to_uint8(torch.cat(parts).reshape(height, width, 3))
+
+
+def to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    """Colours in [0, 1] (clamped) as uint8 pixels, on the CPU: what pictures and videos take."""
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

@@ -14,6 +14,7 @@ from ..export.extract import extract_field_surface
 from ..field.mesh import MeshField
 from ..field.nerf import AlbedoField, NeRFField
 from ..render.shading import sample_light, sample_mode
+from ..render.volume import to_uint8
 from .context import Context
 from .stage import Cadence, Stage, image_grid
 
@@ -76,7 +77,7 @@ class MeshStage(Stage):
     @torch.no_grad()
     def preview(self, cameras, height: int, width: int) -> np.ndarray:
         out = self._render(cameras.to(self.device), height, width)
-        return (out["rgb"][0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return to_uint8(out["rgb"][0])
 
     def state_dict(self) -> dict:
         return {"mesh": self.mesh.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -55,15 +55,23 @@ def _write_turntable(run_dir: Path, images: list) -> Path:
 
 
 # --- from a run folder ---------------------------------------------------------------------------------
+def mesh_of(run: RunFolder, cfg: Config, stage: str = "auto", device="cpu"):
+    """(vertices, faces, albedo module) of the mesh stage for stage auto or mesh (None for auto when
+    the mesh stage never ran; a user error for mesh), None for stage nerf."""
+    if stage == "nerf":
+        return None
+    found = run.load_mesh(cfg, device)
+    if found is None and stage == "mesh":
+        raise UserError(f"no mesh-stage checkpoint in {run.checkpoints}")
+    return found
+
+
 def surface_of(run: RunFolder, cfg: Config, stage: str = "auto", device="cpu"):
     """(vertices, faces, colour fn, which) from the mesh stage if it ran (or asked for), else
     extracted from the NeRF."""
-    if stage in ("auto", "mesh"):
-        found = run.load_mesh(cfg, device)
-        if found is not None:
-            return (*found, "mesh")
-        if stage == "mesh":
-            raise UserError(f"no mesh-stage checkpoint in {run.checkpoints}")
+    found = mesh_of(run, cfg, stage, device)
+    if found is not None:
+        return (*found, "mesh")
     field, _, _ = run.load_nerf(cfg, device)
     v, f, _ = extract_field_surface(field, cfg.mesh)
     return v, f, AlbedoField(field), "nerf"
@@ -82,11 +90,8 @@ def export_run(run_dir: Path, formats, stage: str = "auto") -> dict:
 def render_run(run_dir: Path, stage: str = "auto", frames: int | None = None, size: int | None = None) -> Path:
     run = RunFolder(run_dir)
     cfg = run.read_config()
-    if stage in ("auto", "mesh"):
-        found = run.load_mesh(cfg)
-        if found is not None:
-            return turntable_from_mesh(run_dir, *found, cfg, frames, size)
-        if stage == "mesh":
-            raise UserError(f"no mesh-stage checkpoint in {run.checkpoints}")
+    found = mesh_of(run, cfg, stage)
+    if found is not None:
+        return turntable_from_mesh(run_dir, *found, cfg, frames, size)
     field, background, _ = run.load_nerf(cfg)
     return turntable_from_nerf(run_dir, field, background, cfg, frames, size)

@@ -30,9 +30,9 @@ def build_stages(prompt: str, cfg: Config, resume_from: RunFolder | None = None)
     return ctx, nerf
 
 
-def mesh_stage(ctx: Context, nerf: NeRFStage, run: RunFolder, resume: bool) -> MeshStage:
-    """The mesh stage from the NeRF's surface, or restored from the run's newest mesh checkpoint."""
-    state = run.resume_state("mesh", ctx.cfg, ctx.prompt, ctx.device) if resume else None
+def mesh_stage(ctx: Context, nerf: NeRFStage, resume_from: RunFolder | None = None) -> MeshStage:
+    """The mesh stage from the NeRF's surface, or restored from `resume_from`'s newest mesh checkpoint."""
+    state = resume_from.resume_state("mesh", ctx.cfg, ctx.prompt, ctx.device) if resume_from is not None else None
     if state is None:
         return MeshStage(ctx, nerf.field)
     stage = MeshStage(ctx, nerf.field, state["mesh"]["base_vertices"].cpu(), state["mesh"]["faces"].cpu())
@@ -52,7 +52,7 @@ def generate(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show
     last = trained["last"]
     if not trained["stopped"] and cfg.mesh.enabled:
         t = time.perf_counter()
-        mesh = mesh_stage(ctx, nerf, run, resume)
+        mesh = mesh_stage(ctx, nerf, run if resume else None)
         refined = run_stage(mesh, run, offset=nerf.step_index, callbacks=callbacks, show_progress=show_progress)
         trained["stopped"] = refined["stopped"]
         vertices, faces = mesh.mesh.export_arrays()

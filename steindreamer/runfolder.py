@@ -148,15 +148,17 @@ class RunFolder:
         each step once; other stages' lines stay."""
         if not self.metrics.exists():
             return
+        lines = self.metrics.read_text().splitlines()
         kept = []
-        for line in self.metrics.read_text().splitlines():
+        for line in lines:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
             if row.get("stage", "nerf") != stage or row.get("step", 0) <= step:
                 kept.append(line)
-        atomic_write(self.metrics, "".join(k + "\n" for k in kept))
+        if len(kept) < len(lines):  # a fresh stage (the mesh stage after the NeRF's) rewrites nothing
+            atomic_write(self.metrics, "".join(k + "\n" for k in kept))
 
     @contextlib.contextmanager
     def metrics_log(self) -> Iterator:

@@ -23,8 +23,6 @@ def _load_run(run_dir: Path):
 
     run = RunFolder(run_dir)
     cfg = run.read_config()
-    if run.latest("nerf") is None:
-        raise UserError(f"run folder {run_dir} has no checkpoint yet")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     field, background, step = run.load_nerf(cfg, device)
     return cfg, field, background, step

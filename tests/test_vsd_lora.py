@@ -39,12 +39,17 @@ def batch(seed=1, b=2):
     return lat, text, pose, torch.tensor([10, 700])
 
 
-def test_pretrained_output_unchanged_and_lora_differs_after_training():
+def lora_on_tiny_unet():
+    """(unet, its VSDLora, a batch, the UNet's output on that batch before the LoRA was attached)."""
     unet = tiny_unet()
     lat, text, pose, t = batch()
     with torch.no_grad():
         before = unet(lat, t, encoder_hidden_states=text).sample
-    vsd = VSDLora(unet, rank=4, lr=1e-2)
+    return unet, VSDLora(unet, rank=4, lr=1e-2), (lat, text, pose, t), before
+
+
+def test_pretrained_output_unchanged_and_lora_differs_after_training():
+    unet, vsd, (lat, text, pose, t), before = lora_on_tiny_unet()
     assert any("lora_" in n for n, _ in unet.named_parameters())
     assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
     gen = torch.Generator().manual_seed(0)
@@ -113,11 +118,7 @@ def test_loss_is_diffusers_denoising_loss(prediction_type, monkeypatch):
 
 
 def test_adapters_disabled_is_the_pretrained_unet_and_restores_adapters():
-    unet = tiny_unet()
-    lat, text, pose, t = batch()
-    with torch.no_grad():
-        before = unet(lat, t, encoder_hidden_states=text).sample
-    vsd = VSDLora(unet, rank=4, lr=1e-2)
+    unet, vsd, (lat, text, pose, t), before = lora_on_tiny_unet()
     for _ in range(2):
         vsd.train_step(lat, text, pose, schedule("epsilon"), torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import torch
 from steindreamer.fsio import atomic_torch_save
 from steindreamer.toy import model as M
 from steindreamer.toy.vocab import build_tokenizer
-from steindreamer.toy.world import HELD_OUT, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions
+from steindreamer.toy.world import HELD_OUT, TOY_CAMERA, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions
 
 
 def log(work: Path, msg: str) -> None:
@@ -49,27 +50,28 @@ def log(work: Path, msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------- data
-def make_pool(work: Path, n: int, seed: int, device: str = "cpu") -> dict:
+def make_pool(work: Path, n: int, seed: int, device: str = "cpu", elevation: tuple[float, float] = TOY_CAMERA.elevation) -> dict:
     path = work / "pool.pt"
     if path.exists():
         return torch.load(path)
     g = torch.Generator().manual_seed(seed)
-    rgb, disp, mask, pair_idx, captions = [], [], [], [], []
+    rgb, disp, mask, pair_idx, captions, poses = [], [], [], [], [], []
     t0 = time.time()
     chunk = 1024 if str(device).startswith("cuda") else 64  # a GPU traces many views at once
     for start in range(0, n, chunk):
         b = min(chunk, n - start)
         idx = torch.randint(len(TRAIN_PAIRS), (b,), generator=g)
         pairs = [TRAIN_PAIRS[i] for i in idx.tolist()]
-        cams = sample_views(b, g, overhead_fraction=0.15)  # the only source of "overhead view" captions
+        cams = sample_views(b, g, overhead_fraction=0.15, elevation=elevation)  # the only "overhead view" captions
         r = render_batch(pairs, cams.to(device), TOY_RESOLUTION, TOY_RESOLUTION, supersample=2)
         rgb.append(r["rgb"].half().cpu())
         disp.append(r["disparity"][..., 0].half().cpu())
         mask.append(r["mask"][..., 0].cpu())
         pair_idx.append(idx)
+        poses.append(cams.flat_pose().cpu())
         captions += view_captions(pairs, cams)
     pool = {"rgb": torch.cat(rgb), "disparity": torch.cat(disp), "mask": torch.cat(mask),
-            "pair": torch.cat(pair_idx), "caption": captions}
+            "pair": torch.cat(pair_idx), "caption": captions, "pose": torch.cat(poses)}
     atomic_torch_save(path, pool)
     log(work, f"rendered a pool of {n} views in {time.time() - t0:.0f} s")
     return pool
@@ -87,7 +89,9 @@ def lr_factor(progress: float, warmup: float) -> float:
 def train_unet(args, work: Path, pool: dict) -> None:
     dev = torch.device(args.device)
     tok = build_tokenizer()
-    unet, te = M.build_unet().to(dev), M.build_text_encoder(len(tok)).to(dev)
+    unet, te = M.build_unet(camera=args.camera).to(dev), M.build_text_encoder(len(tok)).to(dev)
+    if args.init_from:  # fine-tune: start from a shipped model (a new camera embedding starts at zero)
+        M.load_weights(unet, te, args.init_from)
     sched = M.build_scheduler()
     ab = sched.alphas_cumprod.to(dev)
     params = list(unet.parameters()) + list(te.parameters())
@@ -106,6 +110,9 @@ def train_unet(args, work: Path, pool: dict) -> None:
     n = len(pool["caption"])
     captions = pool["caption"]
     images = pool["rgb"].to(dev)  # a few hundred MB at most: keep it next to the model
+    if args.camera and "pose" not in pool:
+        raise SystemExit("the pool has no camera poses: render it again (delete pool.pt)")
+    poses = pool["pose"].to(dev) if args.camera else None
     # Tokenised once: with the text drawn per sample in Python, a GPU step waited on the CPU.
     tokenize = lambda texts: tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,  # noqa: E731
                                  return_tensors="pt").input_ids.to(dev)
@@ -139,7 +146,11 @@ def train_unet(args, work: Path, pool: dict) -> None:
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         a = ab[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t, encoder_hidden_states=te(ids).last_hidden_state).sample
+        kw = {}
+        if poses is not None:  # the camera, dropped (zeros: "no camera") 10 % of the time, apart from the text
+            keep = (torch.rand(args.batch, generator=gen) >= 0.1).to(dev, torch.float32)
+            kw["class_labels"] = poses[pick] * keep[:, None]
+        pred = unet(xt, t, encoder_hidden_states=te(ids).last_hidden_state, **kw).sample
         # Plain ε-MSE by default. Min-SNR-5 (weight min(SNR, 5)/SNR) was tried first: it starves the low
         # noise levels, and after 500 steps DDIM samples kept visible grain that DDPM sampling did not.
         snr = (a / (1 - a)).view(-1)
@@ -153,7 +164,7 @@ def train_unet(args, work: Path, pool: dict) -> None:
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema_unet.parameters()) + list(ema_te.parameters()), params, 1 - decay)
-        if step % 25 == 0:
+        if step % 25 == 0 or step == 1:
             log(work, f"unet step {step} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
                       f"{(time.time() - t_start) / 60:.1f} min")
         final = step >= args.unet_steps
@@ -178,7 +189,7 @@ def sample_grid(unet, te, tok, path: Path, per: int = 2) -> None:
     pipe.set_progress_bar_config(disable=True)
     views = ["front view", "back view"]
     prompts = [f"{caption(c, s)}, {views[k]}" for c, s in GRID_PAIRS for k in range(per)]
-    img = M.sample_images(pipe, prompts, steps=25, guidance=1.5, seed=0)
+    img = M.sample_images(pipe, prompts, steps=25, guidance=1.5, seed=0, cameras=M.view_cameras(prompts))
     h = img.shape[1]
     grid = img.reshape(len(GRID_PAIRS), per, h, h, 3).permute(0, 2, 1, 3, 4).reshape(len(GRID_PAIRS) * h, per * h, 3)
     iio.imwrite(path, (grid.numpy() * 255).round().astype(np.uint8))
@@ -248,16 +259,17 @@ def train_depth(args, work: Path, pool: dict) -> None:
 def export(args, work: Path) -> None:
     tok = build_tokenizer()
     s = torch.load(work / "unet_ckpt.pt", map_location="cpu")
-    unet, te = M.build_unet(), M.build_text_encoder(len(tok))
+    unet, te = M.build_unet(camera=args.camera), M.build_text_encoder(len(tok))
     unet.load_state_dict(s["ema_unet"]), te.load_state_dict(s["ema_te"])  # ship the EMA weights
     out = Path(args.out_dir)
-    M.save_pipeline(M.build_pipeline(unet.eval(), te.eval(), tok, M.build_scheduler()), out / "diffusion")
+    M.save_pipeline(M.build_pipeline(unet.eval(), te.eval(), tok, M.build_scheduler()), out / "diffusion", camera=args.camera)
     if (work / "depth_ckpt.pt").exists():  # a UNet-only run (--stages data,unet,export) keeps the shipped depth model
         d = M.build_depth_model()
         d.load_state_dict(torch.load(work / "depth_ckpt.pt", map_location="cpu")["model"])
         d.eval().save_pretrained(str(out / "depth"), safe_serialization=True)
         M.build_depth_processor().save_pretrained(str(out / "depth"))
-    info = {"unet_steps": s["step"], "unet_minutes": round(s["elapsed"] / 60, 1),
+    info = {"unet_steps": s["step"], "unet_minutes": round(s["elapsed"] / 60, 1), "camera": args.camera,
+            "init_from": args.init_from or None, "elevation": list(args.elevation), "command": " ".join(sys.argv),
             "train_pairs": len(TRAIN_PAIRS), "held_out": [list(p) for p in HELD_OUT]}
     (out / "diffusion" / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
@@ -279,6 +291,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=float, default=0.05, help="fraction of the run")
     ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--camera", action="store_true",
+                    help="condition the UNet on the camera (flattened 4x4 pose, added to the timestep embedding)")
+    ap.add_argument("--init-from", default="", help="start the UNet and text encoder from this model folder")
+    ap.add_argument("--elevation", type=lambda v: tuple(float(x) for x in v.split(",")), default=TOY_CAMERA.elevation,
+                    help="elevation range of the pool's views, degrees, 'lo,hi' (plus 15 %% overhead views)")
     ap.add_argument("--loss-weighting", choices=["uniform", "minsnr"], default="uniform")
     ap.add_argument("--depth-steps", type=int, default=5000)
     ap.add_argument("--depth-lr", type=float, default=1e-3)
@@ -292,7 +309,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     log(work, f"stages {stages} args {vars(args)}")
-    pool = make_pool(work, args.pool, args.seed, args.device) if {"data", "unet", "depth"} & set(stages) else None
+    pool = make_pool(work, args.pool, args.seed, args.device, args.elevation) if {"data", "unet", "depth"} & set(stages) else None
     if "unet" in stages:
         train_unet(args, work, pool)
     if "depth" in stages:

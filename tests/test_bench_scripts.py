@@ -120,3 +120,43 @@ def test_bench_engines_measures_each_state_fresh_and_as_training_renders_it(monk
     assert len(made) == 2 * len(bench.ENGINES) and len({id(s) for s in made}) == len(made)
     assert {(e, step, state) for e, step, state in seen} == {(e, s, f"state-{s}") for e in bench.ENGINES for s in (100, 200)}
     assert table["sds"][200] == {"var_image": 1.0, "var_theta": 2.0}
+
+
+def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):
+    """bench_quality at a tiny size: every number in its JSON is the shape check of the GLB it wrote,
+    the totals add up, the gallery has a strip per asset."""
+    from PIL import Image
+
+    from steindreamer.toy import shape3d
+
+    out = tmp_path / "quality.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--quick", "--limit", "2", "--work", str(tmp_path / "runs"),
+           "--out", str(out), "--set", "train.steps=20", "--set", "mesh.steps=4", "--set", "train.val_every=0"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["prompts"] == ["a red cube", "a orange pyramid"]
+    rows = res["results"]
+    assert len(rows) == 2 and all("failed" not in r for r in rows)
+    for r in rows:
+        again = shape3d.check_glb(Path(r["run"]) / "model.glb", r["prompt"])
+        assert again["volumetric_iou"] == pytest.approx(r["volumetric_iou"]) and again["shape"] == r["shape"]
+        assert r["right"] == (r["shape"] == r["prompt"].split()[-1] and r["colour"] == r["prompt"].split()[1])
+        if r["khronos"] is not None:
+            assert r["khronos"]["numErrors"] == 0, r["khronos"]
+    s = res["by_engine"]["sds"]
+    assert s["assets"] == 2 and s["right"] == sum(r["right"] for r in rows) and s["cubes"] == 1 and s["tori"] == 0
+    assert s["mean_volumetric_iou"] == pytest.approx(sum(r["volumetric_iou"] for r in rows) / 2)
+    assert 0 < s["seconds_per_asset_mean"] <= s["seconds_per_asset_max"]
+    w, h = Image.open(res["gallery"]).size
+    assert h == 2 * 96 and w > 6 * 96
+
+
+def test_bench_yaw_gap_is_zero_for_a_round_shape_and_not_for_a_cube():
+    bench = _load("bench_yaw")
+    from steindreamer.guidance.diffusion import DiffusionGuidance
+
+    guide = DiffusionGuidance("builtin", torch.device("cpu"))
+    round_ = bench.denoising_gap(guide, "red", "cylinder", [0.0, 30.0], 15.0, draws=2, seed=0)
+    assert abs(round_["gap"]) < 1e-4 * round_["loss_right"]  # turning a cylinder changes nothing
+    cube = bench.denoising_gap(guide, "red", "cube", [0.0, 30.0], 15.0, draws=2, seed=0)
+    assert cube["loss_turned"] != cube["loss_right"]

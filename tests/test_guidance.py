@@ -96,3 +96,72 @@ def test_guidance_noise_maths_is_its_schedules(tiny_latent_model):
     with torch.no_grad():  # an epsilon model: unet_eps is the UNet's output as is
         out = guide.unet(x.contiguous(memory_format=torch.channels_last), t, encoder_hidden_states=emb).sample
         assert torch.equal(guide.unet_eps(x, t, emb), out)
+
+
+def test_camera_conditioned_model_gets_each_views_pose(tmp_path):
+    """A model whose card names a camera input gets every rendered view's flattened pose in both CFG
+    halves; a text-only model's call is unchanged (no class labels)."""
+    from tiny_models import build_tiny_pipeline
+
+    from steindreamer.cameras import make_cameras
+
+    guide = DiffusionGuidance(str(build_tiny_pipeline(tmp_path / "cam", latent=False, camera=True)), torch.device("cpu"))
+    assert guide.camera_kind == "c2w_flat16"
+    cams = make_cameras(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 40.0]), torch.tensor([2.0, 2.0]), torch.tensor([45.0, 45.0]))
+    camera = guide.camera_condition(cams)
+    assert torch.equal(camera, cams.c2w.reshape(2, 16))
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([300, 600])
+    cond, uncond = guide.text_embeddings(["a red cube"] * 2), guide.text_embeddings([""])
+    eps = guide.predict_eps_cfg(x_t, t, cond, uncond, 3.0, camera)
+    with torch.no_grad():
+        e_c = guide.unet(x_t, t, encoder_hidden_states=cond, class_labels=camera).sample
+        e_u = guide.unet(x_t, t, encoder_hidden_states=uncond.expand(2, -1, -1), class_labels=camera).sample
+    assert torch.allclose(eps, e_u + 3.0 * (e_c - e_u), atol=1e-5)
+    other = guide.camera_condition(cams[[1, 0]])
+    assert not torch.allclose(guide.predict_eps_cfg(x_t, t, cond, uncond, 3.0, other), eps, atol=1e-4)  # the pose matters
+
+
+def test_text_only_model_takes_no_camera(tiny_pixel_model):
+    from steindreamer.cameras import make_cameras
+
+    guide = DiffusionGuidance(str(tiny_pixel_model), torch.device("cpu"))
+    cams = make_cameras(torch.tensor([10.0]), torch.tensor([0.0]), torch.tensor([2.0]), torch.tensor([45.0]))
+    assert guide.camera_kind is None and guide.camera_condition(cams) is None and guide.unet_kwargs(None, 1) == {}
+
+
+def test_a_card_naming_a_camera_the_unet_cannot_take_is_one_line(tmp_path):
+    import json
+
+    from tiny_models import build_tiny_pipeline
+
+    folder = build_tiny_pipeline(tmp_path / "m", latent=False)
+    (folder / "steindreamer.json").write_text(json.dumps({"camera": "c2w_flat16"}))
+    with pytest.raises(UserError, match="cannot take"):
+        DiffusionGuidance(str(folder), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("engine", ["sds", "vsd"])
+def test_distiller_passes_the_camera_to_a_camera_conditioned_model(tmp_path, engine):
+    """Every UNet call of an engine (the frozen model's and, for VSD, the LoRA's on the same UNet)
+    gets the views' poses; diffusers refuses a class-conditioned call without them, so a call that
+    forgot the camera fails here."""
+    from dataclasses import replace
+
+    from tiny_models import build_tiny_pipeline
+
+    from steindreamer.cameras import make_cameras
+    from steindreamer.guidance.config import GuidanceConfig
+    from steindreamer.guidance.distill import Distiller
+
+    guide = DiffusionGuidance(str(build_tiny_pipeline(tmp_path / "cam", latent=False, camera=True)), torch.device("cpu"))
+    distiller = Distiller(replace(GuidanceConfig(), engine=engine, guidance_scale=3.0), guide)
+    seen = []
+    guide.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("class_labels")), with_kwargs=True)
+    cams = make_cameras(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 40.0]), torch.tensor([2.0, 2.0]), torch.tensor([45.0, 45.0]))
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    cond, uncond = guide.text_embeddings(["a red cube"] * 2), guide.text_embeddings([""])
+    t, noise = torch.tensor([300, 600]), torch.randn(2, 3, 16, 16)
+    grad, _ = distiller.gradient(x, {}, cams, cond, uncond, t, noise, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(grad).all() and len(seen) == (3 if engine == "vsd" else 1)
+    pose = cams.c2w.reshape(2, 16)
+    assert all(c is not None and torch.equal(c[:2], pose) for c in seen)

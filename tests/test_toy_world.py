@@ -158,3 +158,16 @@ def test_tokenizer_one_token_per_word():
         assert len(tok.tokenize(w)) == 1, w
     ids = tok("a red cube, front view").input_ids
     assert len(ids) == 8 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+
+
+def test_turned_shapes_render_as_their_symmetry_says():
+    import torch
+
+    from steindreamer.cameras import make_cameras
+    from steindreamer.toy.world import render_shape
+
+    cams = make_cameras(torch.tensor([15.0, 30.0]), torch.tensor([0.0, 70.0]), torch.tensor([2.0, 2.0]), torch.tensor([45.0, 45.0]))
+    r = lambda shape, yaw: render_shape(shape, "red", cams, 24, 24, yaw=yaw)["rgb"]  # noqa: E731
+    assert torch.allclose(r("cube", 90.0), r("cube", 0.0), atol=1e-4)  # 4-fold
+    assert torch.allclose(r("cylinder", 37.0), r("cylinder", 0.0), atol=1e-3)  # round
+    assert (r("cube", 45.0) - r("cube", 0.0)).abs().max() > 0.3  # corner-on is not face-on

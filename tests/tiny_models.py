@@ -22,7 +22,9 @@ def tiny_tokenizer(max_length: int = 32):
     return tok, len(vocab)
 
 
-def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str = "epsilon", seed: int = 0, camera: bool = False) -> Path:
+    """camera=True: the UNet takes the flattened 4x4 pose as class labels (a random, non-zero camera
+    MLP) and the folder's steindreamer.json says so, as the built-in camera-conditioned model's does."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -33,7 +35,8 @@ def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str 
     channels = 4 if latent else 3
     unet = UNet2DConditionModel(sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 64), layers_per_block=1,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+                                cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8,
+                                **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": 16} if camera else {}))
     vae = None
     if latent:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), norm_num_groups=8,
@@ -43,6 +46,10 @@ def build_tiny_pipeline(folder: Path, latent: bool = True, prediction_type: str 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    if camera:
+        import json
+
+        (Path(folder) / "steindreamer.json").write_text(json.dumps({"camera": "c2w_flat16"}))
     return Path(folder)
 
 

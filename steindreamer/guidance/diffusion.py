@@ -124,6 +124,26 @@ class DiffusionGuidance:
         self.image_size = self.sample_size * self.vae_scale  # the resolution the model works at
         self.cache_dir = _cache_dir(cache_dir) / "text_emb"
         self._emb: dict[str, torch.Tensor] = {}
+        self.camera_kind = self._camera_kind()
+
+    def _camera_kind(self) -> str | None:
+        """How the model takes the camera, from its card (`steindreamer.json` "camera"): "c2w_flat16"
+        (the flattened 4x4 camera-to-world pose, as class labels added to the timestep embedding, as
+        MVDream does) or None for a text-only model."""
+        card = Path(self.location) / "steindreamer.json"
+        kind = json.loads(card.read_text()).get("camera") if card.is_file() else None
+        if kind is None:
+            return None
+        if kind != "c2w_flat16" or getattr(self.unet, "class_embedding", None) is None:
+            raise UserError(f"{self.location}: steindreamer.json names camera {kind!r}, which this UNet cannot take "
+                            "(expected 'c2w_flat16' with a projection class embedding)")
+        return kind
+
+    def camera_condition(self, cameras) -> torch.Tensor | None:
+        """The model's camera input for each rendered view ([B, 16]), or None for a text-only model."""
+        if self.camera_kind is None or cameras is None:
+            return None
+        return cameras.flat_pose().to(self.device, self.dtype)
 
     def _model_index(self) -> dict:
         path = Path(self.location) / "model_index.json"
@@ -185,17 +205,31 @@ class DiffusionGuidance:
             return z
         return self.vae.decode(z / self.vae.config.scaling_factor).sample
 
-    def unet_eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+    def unet_kwargs(self, camera: torch.Tensor | None, batch: int) -> dict:
+        """Extra UNet inputs: a camera-conditioned model gets its camera (zeros, its "no camera", when
+        the caller has none); a text-only model gets nothing."""
+        if self.camera_kind is None:
+            return {}
+        if camera is None:
+            camera = torch.zeros(batch, 16, device=self.device, dtype=self.dtype)
+        return {"class_labels": camera.to(self.device, self.dtype)}
+
+    def unet_eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, camera: torch.Tensor | None = None,
+                 **unet_kwargs) -> torch.Tensor:
         """One UNet call, converted to an epsilon prediction whatever the model predicts."""
+        unet_kwargs.update(self.unet_kwargs(camera, x_t.shape[0]))
         x_in = x_t.to(self.dtype).contiguous(memory_format=torch.channels_last)
         out = self.unet(x_in, t, encoder_hidden_states=emb, **unet_kwargs).sample.float().contiguous()
         return self.schedule.eps_from_output(out, x_t, t)
 
     @torch.no_grad()
-    def predict_eps_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-        """CFG noise prediction with conditional and unconditional halves in one batched UNet call."""
+    def predict_eps_cfg(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale: float,
+                        camera: torch.Tensor | None = None) -> torch.Tensor:
+        """CFG noise prediction with conditional and unconditional halves in one batched UNet call.
+        The camera (if the model takes one) goes to both halves, so guidance amplifies the text only."""
         b = x_t.shape[0]
-        eps = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)]))
+        camera = torch.cat([camera, camera]) if camera is not None else None
+        eps = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond.expand(b, -1, -1)]), camera=camera)
         eps_c, eps_u = eps[:b], eps[b:]
         return cfg_combine(eps_u, eps_c, scale)
 

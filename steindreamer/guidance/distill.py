@@ -36,11 +36,11 @@ class Distiller:
     def needs_normals(self) -> bool:
         return self.cfg.engine == "ssd" and self.cfg.ssd.baseline == "normal"
 
-    def _eps_pretrained(self, x_t, t, cond, uncond) -> torch.Tensor:
+    def _eps_pretrained(self, x_t, t, cond, uncond, camera) -> torch.Tensor:
         if self.lora is None:
-            return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale)
+            return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale, camera)
         with self.lora.adapters_disabled():  # the frozen model's score, not the LoRA's
-            return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale)
+            return self.guidance.predict_eps_cfg(x_t, t, cond, uncond, self.cfg.guidance_scale, camera)
 
     def gradient(self, x: torch.Tensor, render: dict, cameras, cond, uncond, t, noise, update: bool = True,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -50,9 +50,10 @@ class Distiller:
         weight = guide.schedule.weight(t, g.weighting)
         x0 = x.detach().float()
         logs: dict = {}
+        camera = guide.camera_condition(cameras)  # None for a text-only model
         with torch.no_grad():
             x_t = guide.schedule.add_noise(x0, noise, t)
-            eps = self._eps_pretrained(x_t, t, cond, uncond)
+            eps = self._eps_pretrained(x_t, t, cond, uncond, camera)
         if g.engine == "sds":
             grad = sds(eps, noise, weight)
         elif g.engine == "ssd":
@@ -67,11 +68,13 @@ class Distiller:
             logs.update(mu=mu_used, phi=float(phi.mean()))
         else:  # vsd
             with torch.no_grad():
-                out = self.lora.predict(x_t.to(guide.dtype), t, cond, cameras.flat_pose().to(x_t.device, guide.dtype))
+                base = guide.unet_kwargs(camera, x_t.shape[0])  # the base model's own camera input, if any
+                out = self.lora.predict(x_t.to(guide.dtype), t, cond, cameras.flat_pose().to(x_t.device, guide.dtype), **base)
                 eps_lora = guide.schedule.eps_from_output(out.float(), x_t, t)
             grad = vsd(eps, eps_lora, weight)
             if update:
-                logs["lora_loss"] = self.lora.train_step(x0.to(guide.dtype), cond, cameras.flat_pose().to(x0.device, guide.dtype), guide.schedule, generator)
+                logs["lora_loss"] = self.lora.train_step(x0.to(guide.dtype), cond, cameras.flat_pose().to(x0.device, guide.dtype),
+                                                         guide.schedule, generator, unet_kwargs=base)
         grad, finite = sanitize(grad, g.grad_clip)
         logs["finite"] = finite
         return grad, logs

@@ -85,11 +85,12 @@ class VSDLora:
             handle.remove()
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor,
-                pose: torch.Tensor) -> torch.Tensor:
-        """eps_phi (or v_phi): adapters on, pose embedding added to the timestep embedding."""
+                pose: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        """eps_phi (or v_phi): adapters on, pose embedding added to the timestep embedding.
+        `unet_kwargs` are the base model's own inputs (a camera-conditioned model's class labels)."""
         self.unet.enable_adapters()
         with self._pose_added(pose):
-            return self.unet(x_t, t, encoder_hidden_states=text_emb).sample
+            return self.unet(x_t, t, encoder_hidden_states=text_emb, **unet_kwargs).sample
 
     @contextmanager
     def adapters_disabled(self):
@@ -101,27 +102,27 @@ class VSDLora:
         finally:
             self.unet.enable_adapters()
 
-    def pretrained(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    def pretrained(self, x_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
         """The pretrained UNet's output: adapters disabled and no pose term."""
         with self.adapters_disabled():
-            return self.unet(x_t, t, encoder_hidden_states=text_emb).sample
+            return self.unet(x_t, t, encoder_hidden_states=text_emb, **unet_kwargs).sample
 
     def loss(self, latents: torch.Tensor, text_emb: torch.Tensor, pose: torch.Tensor, schedule: NoiseSchedule,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, unet_kwargs: dict | None = None) -> torch.Tensor:
         """Denoising loss of the LoRA model on detached latents: t over the full range, pose dropout;
         the target is `schedule.target` (the UNet's own parameterisation)."""
         latents = latents.detach()
         t = schedule.sample_t(latents.shape[0], 0.0, 1.0, generator).to(latents.device)  # 0 .. T-1
         noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
         x_t = schedule.add_noise(latents, noise, t)
-        pred = self.predict(x_t, t, text_emb.detach(), drop_pose(pose, self.pose_dropout, generator))
+        pred = self.predict(x_t, t, text_emb.detach(), drop_pose(pose, self.pose_dropout, generator), **(unet_kwargs or {}))
         return F.mse_loss(pred.float(), schedule.target(latents, noise, t).float())
 
     def train_step(self, latents: torch.Tensor, text_emb: torch.Tensor, pose: torch.Tensor, schedule: NoiseSchedule,
-                   generator: torch.Generator | None = None) -> float:
+                   generator: torch.Generator | None = None, unet_kwargs: dict | None = None) -> float:
         """One AdamW step on `loss`; returns the loss before the step."""
         with torch.enable_grad():
-            loss = self.loss(latents, text_emb, pose, schedule, generator)
+            loss = self.loss(latents, text_emb, pose, schedule, generator, unet_kwargs)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         self.optimizer.step()

@@ -28,16 +28,38 @@ MODEL_CARD = {"space": "pixel", "resolution": TOY_RESOLUTION, "channels": 3, "sc
               "aliases": ALIASES, "ignored": [".", "!"]}
 
 
-def build_unet():
+CAMERA_DIM = 16  # the camera condition: the flattened 4x4 camera-to-world pose (MVDream's form); zeros = none
+
+
+def build_unet(camera: bool = False):
+    """camera=True adds diffusers' "projection" class embedding: an MLP of the pose whose output is
+    added to the timestep embedding (ProlificDreamer's camera MLP, MVDream's camera embedding)."""
     from diffusers import UNet2DConditionModel
 
     # Attention only at 8×8 (the last down block, the mid block, the first up block): self-attention
     # at 32×32 would cost ~10× more on a CPU.
+    extra = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": CAMERA_DIM} if camera else {}
     return UNet2DConditionModel(
         sample_size=TOY_RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1,
         block_out_channels=(32, 64, 128), norm_num_groups=8, cross_attention_dim=64, attention_head_dim=4,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), **extra)
+
+
+def load_weights(unet, text_encoder, folder: str | Path) -> None:
+    """Fine-tuning start: a shipped model's UNet and text encoder weights. A camera embedding the
+    folder lacks starts with its last layer at zero, so the model starts as exactly the shipped one."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    missing, unexpected = unet.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+        raise ValueError(f"{folder}: UNet weights do not fit (missing {missing}, unexpected {unexpected})")
+    if missing:
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").state_dict())
 
 
 def build_text_encoder(vocab_size: int):
@@ -79,23 +101,59 @@ def load_pipeline(folder: str | Path = DIFFUSION_DIR, device: str | torch.device
     return pipe.to(device)
 
 
-def save_pipeline(pipe, folder: str | Path) -> None:
+def save_pipeline(pipe, folder: str | Path, camera: bool = False) -> None:
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "steindreamer.json").write_text(json.dumps(MODEL_CARD, indent=2) + "\n")
+    card = {**MODEL_CARD, "camera": "c2w_flat16" if camera else None}
+    (folder / "steindreamer.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def view_cameras(prompts: list[str]):
+    """A typical camera for each prompt's view suffix (front 0°, side 90°, back 180° at 15° elevation;
+    overhead 70°; none: front), for sampling a camera-conditioned model from text alone."""
+    from steindreamer.cameras import make_cameras
+
+    az = {"front": 0.0, "side": 90.0, "back": 180.0, "overhead": 0.0}
+    words = [p.split(",")[1].split()[0] if "," in p else "front" for p in prompts]
+    n = len(prompts)
+    return make_cameras(torch.tensor([70.0 if w == "overhead" else 15.0 for w in words]), torch.tensor([az[w] for w in words]),
+                        torch.full((n,), 2.0), torch.full((n,), 45.0))
 
 
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], steps: int = 30, guidance: float = 1.5, seed: int = 0,
-                  eta: float = 1.0) -> torch.Tensor:
+                  eta: float = 1.0, cameras=None) -> torch.Tensor:
     """RGB samples [B, H, W, 3] in [0, 1] for `prompts` (DDIM with classifier-free guidance).
 
     eta = 1 (each step re-noised, like DDPM) by default: with the shipped, briefly trained model,
     deterministic DDIM (eta = 0) leaves visible grain and a grey background (measured: colour right
     30 % vs 95 % at 25 steps), while the stochastic steps wash those errors out."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=g, eta=eta).images
+    if getattr(pipe.unet, "class_embedding", None) is None:
+        x = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=g, eta=eta).images
+    else:  # the stock pipeline has no camera input: the same DDIM loop, with the poses passed
+        x = _sample_with_camera(pipe, prompts, cameras if cameras is not None else view_cameras(prompts), steps, guidance, g, eta)
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+
+
+def _sample_with_camera(pipe, prompts, cameras, steps, guidance, g, eta):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    tok = pipe.tokenizer
+    ids = tok(prompts + [""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    emb = pipe.text_encoder(ids.to(pipe.device))[0]
+    n = len(prompts)
+    cond = torch.cat([emb[:n], emb[n:].expand(n, -1, -1)])
+    pose = cameras.flat_pose().to(pipe.device)
+    pose = torch.cat([pose, pose])  # the camera goes to both halves: CFG amplifies the text only
+    x = torch.randn(n, 3, TOY_RESOLUTION, TOY_RESOLUTION, generator=g).to(pipe.device)
+    for t in sched.timesteps:
+        out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=cond, class_labels=pose).sample
+        eps = out[n:] + guidance * (out[:n] - out[n:])
+        x = sched.step(eps, t, x, eta=eta, generator=g).prev_sample
+    return x
 
 
 # ------------------------------------------------------------------------------------ depth

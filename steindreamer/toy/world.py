@@ -11,6 +11,7 @@ of `steindreamer generate "a red cube" --preset toy` can be checked against grou
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -153,30 +154,45 @@ def _trace(sdf, origins, dirs, iters: int = 96, hit_eps: float = 1e-4):
 
 @torch.no_grad()
 def render_shape(shape: str, colour: str | tuple[float, float, float], cameras: Cameras, height: int, width: int,
-                 supersample: int = 1) -> dict[str, torch.Tensor]:
+                 supersample: int = 1, yaw: float = 0.0) -> dict[str, torch.Tensor]:
     """Exact render of one shape from a batch of cameras.
 
     Returns rgb [B,H,W,3] in [0,1] on white; depth [B,H,W,1] (distance along the ray, 0 where
     empty); disparity (1/depth, 0 where empty); mask [B,H,W,1] bool; normal [B,H,W,3] world space
     (0 where empty). With `supersample` s > 1 every pixel averages s×s rays (anti-aliased rgb, mask =
-    coverage ≥ 0.5, depth/normal/disparity averaged over the pixel's hits).
+    coverage ≥ 0.5, depth/normal/disparity averaged over the pixel's hits). `yaw` turns the shape
+    about +Y by that many degrees (the light stays fixed in the world).
     """
     if shape not in SDFS:
         raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
     if isinstance(colour, str) and colour not in PALETTE:
         raise ValueError(f"unknown colour {colour!r}; colours: {', '.join(COLOURS)}")
     albedo = torch.tensor(PALETTE[colour] if isinstance(colour, str) else colour, dtype=torch.float32)
-    return _render(shape, albedo.expand(len(cameras), 3), cameras, height, width, supersample)
+    return _render(shape, albedo.expand(len(cameras), 3), cameras, height, width, supersample, yaw)
 
 
-def _render(shape: str, albedo: torch.Tensor, cameras: Cameras, height: int, width: int, supersample: int):
+def turned(sdf, degrees: float):
+    """The SDF of the shape turned about +Y by `degrees` (x towards -z for positive angles)."""
+    if not degrees:
+        return sdf
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+
+    def f(p):  # evaluate the unturned shape at the point turned back
+        x, y, z = p.unbind(-1)
+        return sdf(torch.stack([c * x - s * z, y, s * x + c * z], -1))
+    return f
+
+
+def _render(shape: str, albedo: torch.Tensor, cameras: Cameras, height: int, width: int, supersample: int, yaw: float = 0.0):
     s = int(supersample)
     origins, dirs = cameras.rays(height * s, width * s)
     bsz, hh, ww = origins.shape[:3]
     o, d = origins.reshape(-1, 3).float(), dirs.reshape(-1, 3).float()
-    t, hit = _trace(SDFS[shape], o, d)
+    sdf = turned(SDFS[shape], yaw)
+    t, hit = _trace(sdf, o, d)
     normal = torch.zeros_like(o)
-    normal[hit] = _normal(SDFS[shape], o[hit] + t[hit, None] * d[hit])
+    normal[hit] = _normal(sdf, o[hit] + t[hit, None] * d[hit])
     light = torch.nn.functional.normalize(torch.tensor(LIGHT_DIR, device=o.device), dim=0)
     shade = AMBIENT + DIFFUSE * (normal @ light).clamp(min=0)
     m = hit[:, None].float()
@@ -212,10 +228,13 @@ def render_batch(pairs: list[tuple[str, str]], cameras: Cameras, height: int, wi
     return out
 
 
-def sample_views(n: int, generator: torch.Generator | None = None, overhead_fraction: float = 0.0) -> Cameras:
-    """TOY_CAMERA views; a fraction from higher up (elevation 62-85°) so "overhead view" gets trained
-    too, even though TOY_CAMERA itself never reaches the overhead threshold."""
-    cams = sample_cameras(TOY_CAMERA, n, generator)
+def sample_views(n: int, generator: torch.Generator | None = None, overhead_fraction: float = 0.0,
+                 elevation: tuple[float, float] | None = None) -> Cameras:
+    """TOY_CAMERA views (optionally over another elevation range, e.g. from below); a fraction from
+    higher up (elevation 62-85°) so "overhead view" gets trained too, even though TOY_CAMERA itself
+    never reaches the overhead threshold."""
+    base = TOY_CAMERA if elevation is None else CameraConfig(**{**TOY_CAMERA.__dict__, "elevation": tuple(elevation)})
+    cams = sample_cameras(base, n, generator)
     k = int(round(n * overhead_fraction))
     if k:
         high = CameraConfig(**{**TOY_CAMERA.__dict__, "elevation": (62.0, 85.0)})

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .checker import pixel_colours
-from .world import COLOURS, PALETTE, SDFS, SHAPES, _normal, parse_caption
+from .world import COLOURS, PALETTE, SDFS, SHAPES, _normal, parse_caption, turn
 
 GRID, EXTENT = 64, 0.72  # voxel grid over [-EXTENT, EXTENT]^3; every shape lies inside radius 0.6
 AXIS_DEG = 20.0  # a normal within this angle of an axis counts as facing it
@@ -95,14 +95,6 @@ def true_occupancy(shape: str, n: int = GRID, extent: float = EXTENT) -> np.ndar
         return (SDFS[shape](grid_points(n, extent)) < 0).numpy()
 
 
-def _yaw(points: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate points about +Y (x towards -z for positive angles, the same sense as cameras' azimuth)."""
-    a = np.deg2rad(degrees)
-    ca, sa = float(np.cos(a)), float(np.sin(a))
-    x, y, z = points.unbind(-1)
-    return torch.stack([ca * x + sa * z, y, -sa * x + ca * z], -1)
-
-
 # ------------------------------------------------------------------------------- shape classification
 def _moments(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centroid and spread (vertical, horizontal) of a solid's points: std of y, rms distance from
@@ -136,7 +128,7 @@ def classify(occ: np.ndarray, n: int = GRID, extent: float = EXTENT) -> dict:
             local = (pts - torch.from_numpy(centroid).float()) * scale
             best = (-1.0, 0.0)
             for deg in YAWS.get(s, [0.0]):
-                q = _yaw(local, -float(deg)) + torch.from_numpy(c_s).float()
+                q = turn(local, -float(deg)) + torch.from_numpy(c_s).float()
                 tmpl = SDFS[s](q) < 0
                 iou = float((tmpl & occ_t).sum()) / max(1, int((tmpl | occ_t).sum()))
                 best = max(best, (iou, float(deg)))
@@ -157,7 +149,7 @@ def features(occ: np.ndarray, normals: np.ndarray, n: int = GRID, extent: float 
     cos = np.cos(np.deg2rad(AXIS_DEG))
     axis_share = 0.0
     for deg in np.arange(0.0, 90.0, 5.0):  # in the best yaw: a turned cube's faces still count
-        nrm = _yaw(torch.from_numpy(normals).float(), -float(deg)).numpy() if len(normals) else normals
+        nrm = turn(torch.from_numpy(normals).float(), -float(deg)).numpy() if len(normals) else normals
         axis_share = max(axis_share, float((np.abs(nrm).max(axis=1) > cos).mean()) if len(nrm) else 0.0)
     sec = _sections(occ)
     out = {"axis_facing_share": axis_share, "hole_open": False, "apex_ratio": float("nan"), "bottom_ratio": float("nan"),
@@ -281,7 +273,7 @@ def primitive_mesh(shape: str, resolution: int = 96, yaw: float = 0.0, scale: fl
     sdf = SDFS[shape](grid_points(resolution)).numpy()
     v, f = mcubes.marching_cubes(-sdf, 0.0)
     v = -EXTENT + (v + 0.5) * (2 * EXTENT / resolution)
-    v = _yaw(torch.from_numpy(v).float(), yaw).numpy().astype(np.float64) * scale + np.asarray(offset)
+    v = turn(torch.from_numpy(v).float(), yaw).numpy().astype(np.float64) * scale + np.asarray(offset)
     if noise:
         v = v + np.random.default_rng(seed).normal(0, noise, v.shape)
     return trimesh.Trimesh(v, f[:, ::-1], process=False)  # mcubes winds inward for -sdf: flip outward

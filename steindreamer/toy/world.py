@@ -171,17 +171,17 @@ def render_shape(shape: str, colour: str | tuple[float, float, float], cameras: 
     return _render(shape, albedo.expand(len(cameras), 3), cameras, height, width, supersample, yaw)
 
 
-def turned(sdf, degrees: float):
-    """The SDF of the shape turned about +Y by `degrees` (x towards -z for positive angles)."""
-    if not degrees:
-        return sdf
+def turn(points: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Points [..., 3] turned about +Y by `degrees` (x towards -z for positive angles)."""
     a = math.radians(degrees)
     c, s = math.cos(a), math.sin(a)
+    x, y, z = points.unbind(-1)
+    return torch.stack([c * x + s * z, y, -s * x + c * z], -1)
 
-    def f(p):  # evaluate the unturned shape at the point turned back
-        x, y, z = p.unbind(-1)
-        return sdf(torch.stack([c * x - s * z, y, s * x + c * z], -1))
-    return f
+
+def turned(sdf, degrees: float):
+    """The SDF of the shape turned about +Y by `degrees`: the unturned SDF at the point turned back."""
+    return sdf if not degrees else (lambda p: sdf(turn(p, -degrees)))
 
 
 def _render(shape: str, albedo: torch.Tensor, cameras: Cameras, height: int, width: int, supersample: int, yaw: float = 0.0):

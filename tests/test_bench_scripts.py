@@ -160,3 +160,14 @@ def test_bench_yaw_gap_is_zero_for_a_round_shape_and_not_for_a_cube():
     assert abs(round_["gap"]) < 1e-4 * round_["loss_right"]  # turning a cylinder changes nothing
     cube = bench.denoising_gap(guide, "red", "cube", [0.0, 30.0], 15.0, draws=2, seed=0)
     assert cube["loss_turned"] != cube["loss_right"]
+
+
+def test_bench_start_from_truth_begins_right_and_from_the_blob_round():
+    """The diagnosis' two starts: the field fitted to the true cube is checked as a cube before any
+    distillation step; the preset's blob is a sphere."""
+    bench = _load("bench_start")
+    truth = bench.run("a red cube", "truth", steps=1, every=1, preset="toy", overrides=["train.val_every=1000"])
+    blob = bench.run("a red cube", "blob", steps=1, every=1, preset="toy", overrides=["train.val_every=1000"])
+    assert truth["trace"][0]["shape"] == "cube" and truth["trace"][0]["volumetric_iou"] > 0.75
+    assert blob["trace"][0]["shape"] == "sphere"
+    assert [r["step"] for r in truth["trace"]] == [0, 1]

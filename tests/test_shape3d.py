@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steindreamer.toy import shape3d as S
-from steindreamer.toy.world import SDFS, SHAPES
+from steindreamer.toy.world import SDFS, SHAPES, turn
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -41,7 +41,7 @@ def _mesh_of_occupancy(occ: np.ndarray):
 def test_cube_averaged_over_yaw_is_not_a_cube():
     pts = S.grid_points(96)
     with torch.no_grad():
-        mean = sum((SDFS["cube"](S.turn(pts, float(a))) < 0).float() for a in range(0, 90, 5)) / 18
+        mean = sum((SDFS["cube"](turn(pts, float(a))) < 0).float() for a in range(0, 90, 5)) / 18
     blob = _mesh_of_occupancy((mean >= 0.5).numpy())
     r = S.check_mesh(blob, "red", "cube")
     assert r["shape"] == "cylinder" and not r["shape_right"]

@@ -1,6 +1,13 @@
 """Behaviour pinned across refactors: `generate "a red cube" --preset toy` (shortened) gives the same
-checkpoint tensors (to 1e-6), the same per-step loss and t, and the same run-folder files as the
-reference run in tests/data (taken with the code before the stage loop was rebuilt).
+checkpoint tensors, the same per-step loss and t, and the same run-folder files as the reference run
+in tests/data.
+
+Bitwise equality holds on one CPU only: torch's CPU kernels and our C kernels sum in an order that
+depends on the instruction set (the same run under AVX2 and AVX-512 differs by 1e-4 in the NeRF's
+hash table after 24 steps, and the mesh extracted from it has other face indices). So the tensors are
+compared with tolerances an order below what one more training step changes (measured: hash table
+4e-4 across CPUs against 1e-2 for one more step; MLP weights 6e-8 against 1e-3; the mesh's vertices,
+as point sets, 1e-3 Chamfer against 1.2e-2), and the mesh by its geometry, not its face indices.
 
 A change that is meant to alter training (a new default, a fixed bug on this path) regenerates the
 reference with `python tests/test_reference_run.py --write` and says so in its commit."""
@@ -8,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -17,6 +26,11 @@ DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "red_cube_reference.json"
 TENSORS = DATA / "red_cube_reference.safetensors"
 DERIVED = ("edges", "face_pairs", "degree")  # rebuilt from the faces when a mesh is loaded
+# Largest allowed |difference| per tensor group (see the module's docstring for the measurements).
+TOLERANCE = {"nerf.field.encoding.table": 2e-3, "nerf.": 1e-5, "mesh.texture_field.field.net.": 3e-4,
+             "mesh.texture_field.field.occupancy.": 1e-5}
+MESH_CHAMFER = 4e-3  # vertices of the final mesh (base + offsets), both directions' mean
+LOSS_RTOL = {"nerf": 1e-4, "mesh": 2e-2}  # the mesh stage starts from a re-extracted mesh
 
 
 def run_reference(out: Path, command: list[str] | None = None) -> None:
@@ -47,33 +61,63 @@ def run_summary(run_dir: Path) -> dict:
             "metrics": [{k: r[k] for k in ("step", "loss", "t", "stage") if k in r} for r in rows]}
 
 
+def _chamfer(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    return 0.5 * float(cKDTree(a).query(b)[0].mean() + cKDTree(b).query(a)[0].mean())
+
+
+def differences(run_dir: Path) -> list[str]:
+    """What in the run at `run_dir` is not the reference run, one line each (empty: the same run)."""
+    want, got = load_file(str(TENSORS)), final_tensors(run_dir)
+    if sorted(got) != sorted(want):
+        return [f"tensors {sorted(set(got) ^ set(want))} are in one run only"]
+    out = []
+    for name, ref in want.items():
+        if name.endswith("generator"):  # RNG states: the same draws, exactly
+            same = torch.equal(got[name], ref)
+        elif name in ("mesh.base_vertices", "mesh.offsets", "mesh.faces"):
+            same = got[name].shape == ref.shape  # the geometry is compared as a point set below
+        elif name.startswith("mesh.texture_field.field.encoding"):
+            same = got[name].shape == ref.shape  # a hash table fed by a re-extracted mesh's texels
+        else:
+            tol = next(v for k, v in TOLERANCE.items() if name.startswith(k))
+            same = got[name].shape == ref.shape and (not ref.numel() or
+                                                     (got[name].double() - ref.double()).abs().max().item() <= tol)
+        if not same:
+            out.append(f"{name} differs from the reference run")
+    surface = [(t["mesh.base_vertices"] + t["mesh.offsets"]).double().numpy() for t in (got, want)]
+    if _chamfer(*surface) > MESH_CHAMFER:
+        out.append(f"the final mesh is {_chamfer(*surface):.3g} (Chamfer) from the reference's")
+    reference, summary = json.loads(REFERENCE.read_text()), run_summary(run_dir)
+    if summary["files"] != reference["files"]:
+        out.append(f"run-folder files differ: {sorted(set(summary['files']) ^ set(reference['files']))}")
+    steps = lambda rows: [(m["step"], m["t"], m.get("stage", "nerf")) for m in rows]  # noqa: E731
+    if steps(summary["metrics"]) != steps(reference["metrics"]):
+        out.append("the steps, their t or their stages differ")
+    else:
+        for g, r in zip(summary["metrics"], reference["metrics"]):
+            if abs(g["loss"] - r["loss"]) > LOSS_RTOL[r.get("stage", "nerf")] * max(1.0, abs(r["loss"])):
+                out.append(f"step {g['step']}'s loss {g['loss']:.6g} is not the reference's {r['loss']:.6g}")
+    return out
+
+
 def test_toy_red_cube_matches_the_reference_run(tmp_path):
     out = tmp_path / "run"
     run_reference(out)
-    want, got = load_file(str(TENSORS)), final_tensors(out)
-    assert sorted(got) == sorted(want)
-    for name, ref in want.items():
-        assert got[name].shape == ref.shape, name
-        diff = (got[name].double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-        assert diff <= 1e-6, f"{name} differs from the reference run by {diff:.3g}"
-    reference, summary = json.loads(REFERENCE.read_text()), run_summary(out)
-    assert summary["files"] == reference["files"]
-    # Every line now names its stage; the reference's NeRF lines did not.
-    assert [(m["step"], m["t"], m.get("stage", "nerf")) for m in summary["metrics"]] == \
-        [(m["step"], m["t"], m.get("stage", "nerf")) for m in reference["metrics"]]
-    for got_row, ref_row in zip(summary["metrics"], reference["metrics"]):
-        assert abs(got_row["loss"] - ref_row["loss"]) <= 1e-6 * max(1.0, abs(ref_row["loss"])), got_row
+    assert differences(out) == []
 
 
-def test_the_comparison_fails_on_a_changed_run(tmp_path):
-    """The check itself: a reference run with one more NeRF step is not the reference."""
+@pytest.mark.parametrize("change", ["steps=25", "mesh.steps=7"])
+def test_the_comparison_fails_on_a_changed_run(tmp_path, change):
+    """The check itself: a reference run with one more NeRF or mesh step is not the reference, and
+    the comparison says so for the tensors it changed, not only for the step count."""
     out = tmp_path / "run"
+    key = change.split("=")[0] + "="
     command = json.loads(REFERENCE.read_text())["command"]
-    run_reference(out, [("steps=25" if c == "steps=24" else c) for c in command])
-    want, got = load_file(str(TENSORS)), final_tensors(out)
-    assert max((got[k].double() - want[k].double()).abs().max().item() for k in want if want[k].is_floating_point()) > 1e-6
-
-
+    run_reference(out, [change if c.startswith(key) else c for c in command])
+    found = differences(out)
+    assert any("differs from the reference run" in line or "Chamfer" in line for line in found), found
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     import tempfile
 

@@ -7,6 +7,9 @@ Stages (all by default, each resumable from --work-dir):
   checker train the evaluation's shape classifier on exact renders (steindreamer/builtin/checker/)
   export write the EMA UNet pipeline and the depth model into steindreamer/builtin/ (safetensors)
 
+The UNet objective is ε-MSE (--objective dsm, denoising score matching) or --objective lcss: score matching with
+the Jacobian trace by Stein's identity over a Gaussian neighbourhood (LCSS, Osada et al. 2024; logs DSM's value - 1).
+
 The shipped UNet was trained on one H100 (torch 2.11): a pool of 40,000 views rendered on the GPU in
 14 s, then 5,854 steps at batch 256 in 6.0 min (16 steps/s: the small UNet is launch-bound), lr 6e-4 with
 cosine decay to 5 %, EMA 0.999:
@@ -85,6 +88,28 @@ def lr_factor(progress: float, warmup: float) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def lcss_loss(score_fn, x: torch.Tensor, u: torch.Tensor, sigma, centred: bool = True) -> torch.Tensor:
+    """Per-sample LCSS loss  ½‖s(x)‖² + u·(s(x + σu) − s(x))/σ,  u ~ N(0, I), summed over all but dim 0.
+
+    Score matching is E[½‖s(x)‖² + tr ∇s(x)]. Smoothing the trace over x' ~ N(x, σ²I), Stein's identity
+    gives E_x'[tr ∇s(x')] = E_u[u·s(x + σu)]/σ: no Jacobian. u·s(x)/σ has mean zero for every s, so
+    subtracting it (centred=True) leaves the expectation and its θ-gradient unchanged and only removes
+    the O(√d/σ) noise of the plain estimator (centred=False). For a linear s the trace term is exact for
+    any σ; otherwise it is tr ∇s averaged over the σ-neighbourhood. ½‖s‖² stays at x: taken at x + σu it
+    would be DSM, whose minimiser is the score of p * N(0, σ²I). score_fn is called once, on the stacked
+    batch [x; x + σu] (conditioning repeated by the caller). sigma: a number or a tensor broadcasting to x."""
+    s0, s1 = score_fn(torch.cat([x, x + sigma * u])).chunk(2)
+    dims = tuple(range(1, x.dim()))
+    return 0.5 * (s0 ** 2).sum(dims) + (u * ((s1 - s0) if centred else s1) / sigma).sum(dims)
+
+
+def lcss_eps_loss(eps_fn, xt: torch.Tensor, u: torch.Tensor, sig: torch.Tensor, rel_sigma: float) -> torch.Tensor:
+    """LCSS for an ε-predictor at noise level σ_t (sig, [B,1,...]): s = -ε̂/σ_t, radius rel_sigma·σ_t, weight
+    2σ_t²/d, which puts it in DSM's units: for a linear ε̂ its expectation is E mean((ε̂ - ε)²) minus 1."""
+    per = lcss_loss(lambda y: -eps_fn(y) / torch.cat([sig, sig]), xt, u, rel_sigma * sig)
+    return per * 2 * sig.flatten() ** 2 / xt[0].numel()
+
+
 # --------------------------------------------------------------------------------- UNet
 def train_unet(args, work: Path, pool: dict) -> None:
     dev = torch.device(args.device)
@@ -104,6 +129,8 @@ def train_unet(args, work: Path, pool: dict) -> None:
         unet.load_state_dict(s["unet"]), te.load_state_dict(s["te"]), opt.load_state_dict(s["opt"])
         ema_unet.load_state_dict(s["ema_unet"]), ema_te.load_state_dict(s["ema_te"])
         step, elapsed = s["step"], s["elapsed"]
+        if s.get("objective", "dsm") != args.objective:
+            raise SystemExit(f"{ck} was trained with --objective {s.get('objective', 'dsm')}, not {args.objective}")
         torch.set_rng_state(s["rng"])
         log(work, f"unet: resumed at step {step}")
     gen = torch.Generator().manual_seed(args.seed + step)  # resumed runs stay seeded
@@ -122,7 +149,8 @@ def train_unet(args, work: Path, pool: dict) -> None:
     def save() -> int:
         atomic_torch_save(ck, {"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                                "ema_unet": ema_unet.state_dict(), "ema_te": ema_te.state_dict(), "step": step,
-                               "elapsed": time.time() - t_start, "rng": torch.get_rng_state()})
+                               "elapsed": time.time() - t_start, "rng": torch.get_rng_state(), "objective": args.objective,
+                               "lcss_sigma": args.lcss_sigma if args.objective == "lcss" else None})
         return step
 
     while step < args.unet_steps:
@@ -150,12 +178,19 @@ def train_unet(args, work: Path, pool: dict) -> None:
         if poses is not None:  # the camera, dropped (zeros: "no camera") 10 % of the time, apart from the text
             keep = (torch.rand(args.batch, generator=gen) >= 0.1).to(dev, torch.float32)
             kw["class_labels"] = poses[pick] * keep[:, None]
-        pred = unet(xt, t, encoder_hidden_states=te(ids).last_hidden_state, **kw).sample
         # Plain ε-MSE by default. Min-SNR-5 (weight min(SNR, 5)/SNR) was tried first: it starves the low
         # noise levels, and after 500 steps DDIM samples kept visible grain that DDPM sampling did not.
         snr = (a / (1 - a)).view(-1)
         w = torch.clamp(snr, max=5.0) / snr if args.loss_weighting == "minsnr" else torch.ones_like(snr)
-        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        if args.objective == "dsm":
+            pred = unet(xt, t, encoder_hidden_states=te(ids).last_hidden_state, **kw).sample
+            loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        else:  # LCSS on p_t, the distribution of xt; one UNet call on [xt; xt + σu]
+            v = torch.randn(x0.shape, generator=gen).to(dev)  # drawn after every DSM draw
+            hs, kw2 = te(ids).last_hidden_state, {k: torch.cat([c, c]) for k, c in kw.items()}
+            t2, hs2 = torch.cat([t, t]), torch.cat([hs, hs])
+            eps = lambda y: unet(y, t2, encoder_hidden_states=hs2, **kw2).sample  # noqa: E731
+            loss = (w * lcss_eps_loss(eps, xt, v, (1 - a).sqrt(), args.lcss_sigma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -268,7 +303,8 @@ def export(args, work: Path) -> None:
         d.load_state_dict(torch.load(work / "depth_ckpt.pt", map_location="cpu")["model"])
         d.eval().save_pretrained(str(out / "depth"), safe_serialization=True)
         M.build_depth_processor().save_pretrained(str(out / "depth"))
-    info = {"unet_steps": s["step"], "unet_minutes": round(s["elapsed"] / 60, 1), "camera": args.camera,
+    info = {"unet_steps": s["step"], "unet_minutes": round(s["elapsed"] / 60, 1), "objective": s.get("objective", "dsm"),
+            "lcss_sigma": s.get("lcss_sigma"), "camera": args.camera,
             "init_from": args.init_from or None, "elevation": list(args.elevation), "command": " ".join(sys.argv),
             "train_pairs": len(TRAIN_PAIRS), "held_out": [list(p) for p in HELD_OUT]}
     (out / "diffusion" / "training.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -297,6 +333,9 @@ def main() -> None:
     ap.add_argument("--elevation", type=lambda v: tuple(float(x) for x in v.split(",")), default=TOY_CAMERA.elevation,
                     help="elevation range of the pool's views, degrees, 'lo,hi' (plus 15 %% overhead views)")
     ap.add_argument("--loss-weighting", choices=["uniform", "minsnr"], default="uniform")
+    ap.add_argument("--objective", choices=["dsm", "lcss"], default="dsm",
+                    help="UNet objective: dsm (ε-MSE) or lcss (score matching, Jacobian trace by Stein's identity)")
+    ap.add_argument("--lcss-sigma", type=float, default=0.1, help="LCSS neighbourhood radius, a fraction of the noise level σ_t")
     ap.add_argument("--depth-steps", type=int, default=5000)
     ap.add_argument("--depth-lr", type=float, default=1e-3)
     ap.add_argument("--ckpt-minutes", type=float, default=3.0)

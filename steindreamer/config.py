@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .cameras import CameraConfig
 from .errors import UserError, require
+from .export.extract import ThresholdRule
 from .export.pipeline import FORMATS, ExportFormat
 from .field.nerf import BackgroundConfig, FieldConfig
 from .guidance.config import GuidanceConfig, SSDConfig, VSDConfig
@@ -77,7 +78,9 @@ class MeshConfig:
     resolution: int = 128  # render size of the mesh stage
     t_max: float = 0.5  # refinement uses the low-noise end of the schedule
     grid_resolution: int = 128  # marching-cubes grid along the occupied box's longest side
-    threshold: float = -1.0  # density iso-level; < 0: automatic (Otsu on log density)
+    threshold: float = -1.0  # density iso-level; < 0: automatic, by threshold_rule
+    threshold_rule: ThresholdRule = "silhouette"  # the automatic rule: the NeRF's rendered silhouettes, Otsu on log density, or mean
+    fill_cavities: bool = True  # fill enclosed empty regions: the mesh is the outer shell only
     target_faces: int = 30000  # faces after decimation
     min_component_fraction: float = 0.05  # drop floaters smaller than this fraction of the largest piece
     lr_offsets: float = 1e-3  # learning rate of the vertex offsets

@@ -76,7 +76,8 @@ LITERALS = list(_literal_fields())
 def test_the_choice_fields_are_literals():
     keys = {k for k, _, _ in LITERALS}
     assert keys == {"field.grid.backend", "background.kind", "render.backend", "render.normals", "shading.light",
-                    "guidance.engine", "guidance.weighting", "guidance.ssd.baseline", "guidance.ssd.mu_shape", "export.formats"}
+                    "guidance.engine", "guidance.weighting", "guidance.ssd.baseline", "guidance.ssd.mu_shape",
+                    "mesh.threshold_rule", "export.formats"}
 
 
 @pytest.mark.parametrize("key,allowed,is_list", LITERALS, ids=[k for k, _, _ in LITERALS])

@@ -6,6 +6,8 @@ Stages (all by default, each resumable from --work-dir):
   depth  tiny DPT depth estimator, scale-and-shift-invariant loss on disparity (MiDaS-style)
   checker train the evaluation's shape classifier on exact renders (steindreamer/builtin/checker/)
   export write the EMA UNet pipeline and the depth model into steindreamer/builtin/ (safetensors)
+  critic  train the diffusion model's camera critic (classifier guidance on the azimuth) on the pool, with
+          the exported model's text encoder, and name it in its card (after export: it reads that encoder)
 
 The UNet objective is ε-MSE (--objective dsm, denoising score matching) or --objective lcss: score matching with
 the Jacobian trace by Stein's identity over a Gaussian neighbourhood (LCSS, Osada et al. 2024; logs DSM's value - 1).
@@ -39,10 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from steindreamer.fsio import atomic_torch_save
-from steindreamer.toy import model as M
-from steindreamer.toy.vocab import build_tokenizer
-from steindreamer.toy.world import HELD_OUT, TOY_CAMERA, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however the script is loaded
+
+from builtin_losses import lcss_eps_loss, lcss_loss, ssi_loss  # noqa: E402,F401 - lcss_loss: the tests' entry
+from steindreamer.fsio import atomic_torch_save  # noqa: E402
+from steindreamer.toy import model as M  # noqa: E402
+from steindreamer.toy.vocab import build_tokenizer  # noqa: E402
+from steindreamer.toy.world import HELD_OUT, TOY_CAMERA, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions  # noqa: E402
 
 
 def log(work: Path, msg: str) -> None:
@@ -86,28 +91,6 @@ def lr_factor(progress: float, warmup: float) -> float:
         return progress / warmup
     p = min(1.0, (progress - warmup) / (1 - warmup))
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))
-
-
-def lcss_loss(score_fn, x: torch.Tensor, u: torch.Tensor, sigma, centred: bool = True) -> torch.Tensor:
-    """Per-sample LCSS loss  ½‖s(x)‖² + u·(s(x + σu) − s(x))/σ,  u ~ N(0, I), summed over all but dim 0.
-
-    Score matching is E[½‖s(x)‖² + tr ∇s(x)]. Smoothing the trace over x' ~ N(x, σ²I), Stein's identity
-    gives E_x'[tr ∇s(x')] = E_u[u·s(x + σu)]/σ: no Jacobian. u·s(x)/σ has mean zero for every s, so
-    subtracting it (centred=True) leaves the expectation and its θ-gradient unchanged and only removes
-    the O(√d/σ) noise of the plain estimator (centred=False). For a linear s the trace term is exact for
-    any σ; otherwise it is tr ∇s averaged over the σ-neighbourhood. ½‖s‖² stays at x: taken at x + σu it
-    would be DSM, whose minimiser is the score of p * N(0, σ²I). score_fn is called once, on the stacked
-    batch [x; x + σu] (conditioning repeated by the caller). sigma: a number or a tensor broadcasting to x."""
-    s0, s1 = score_fn(torch.cat([x, x + sigma * u])).chunk(2)
-    dims = tuple(range(1, x.dim()))
-    return 0.5 * (s0 ** 2).sum(dims) + (u * ((s1 - s0) if centred else s1) / sigma).sum(dims)
-
-
-def lcss_eps_loss(eps_fn, xt: torch.Tensor, u: torch.Tensor, sig: torch.Tensor, rel_sigma: float) -> torch.Tensor:
-    """LCSS for an ε-predictor at noise level σ_t (sig, [B,1,...]): s = -ε̂/σ_t, radius rel_sigma·σ_t, weight
-    2σ_t²/d, which puts it in DSM's units: for a linear ε̂ its expectation is E mean((ε̂ - ε)²) minus 1."""
-    per = lcss_loss(lambda y: -eps_fn(y) / torch.cat([sig, sig]), xt, u, rel_sigma * sig)
-    return per * 2 * sig.flatten() ** 2 / xt[0].numel()
 
 
 # --------------------------------------------------------------------------------- UNet
@@ -231,22 +214,6 @@ def sample_grid(unet, te, tok, path: Path, per: int = 2) -> None:
 
 
 # --------------------------------------------------------------------------------- depth
-def align_scale_shift(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image least-squares s ≥ 0, b minimising ||s pred + b - target||² over mask; returns s pred + b.
-    (s ≥ 0: an inverted prediction must not be rewarded.)"""
-    m = mask.float()
-    n = m.sum(dim=(1, 2)).clamp(min=1)
-    mp, mt = (m * pred).sum(dim=(1, 2)) / n, (m * target).sum(dim=(1, 2)) / n
-    cov = (m * (pred - mp[:, None, None]) * (target - mt[:, None, None])).sum(dim=(1, 2))
-    var = (m * (pred - mp[:, None, None]) ** 2).sum(dim=(1, 2)).clamp(min=1e-8)
-    s = (cov / var).clamp(min=0)
-    return s[:, None, None] * (pred - mp[:, None, None]) + mt[:, None, None]
-
-
-def ssi_loss(pred, target, mask):
-    return ((align_scale_shift(pred, target, mask) - target).abs() * mask).sum() / mask.sum().clamp(min=1)
-
-
 def train_depth(args, work: Path, pool: dict) -> None:
     dev = torch.device(args.device)
     model = M.build_depth_model().to(dev).train()
@@ -290,6 +257,52 @@ def train_depth(args, work: Path, pool: dict) -> None:
     log(work, f"depth: done, {step} steps, {(time.time() - t0) / 60:.1f} min this run")
 
 
+# --------------------------------------------------------------------------------- camera critic
+def train_critic(args, work: Path, pool: dict) -> None:
+    """steindreamer/guidance/camera_critic.py's critic on the pool's views (30 % as flat-colour renders,
+    what the NeRF's albedo steps look like), each with its caption's text embedding (a quarter without
+    the view words), azimuths from the poses."""
+    from transformers import CLIPTextModel
+
+    from steindreamer.guidance.camera_critic import CameraCritic, CameraCriticConfig, train_camera_critic
+    from steindreamer.toy.world import PALETTE
+
+    folder = Path(args.out_dir) / "diffusion"
+    tok = build_tokenizer()
+    te = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").eval()
+    captions = pool["caption"]
+    texts = sorted(set(captions) | {c.split(",")[0] for c in captions})
+    with torch.no_grad():
+        emb = te(tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids).last_hidden_state
+    where = {c: i for i, c in enumerate(texts)}
+    full = torch.tensor([where[c] for c in captions])
+    bare = torch.tensor([where[c.split(",")[0]] for c in captions])
+    position = pool["pose"][:, [3, 7, 11]]  # c2w[:3, 3], row-major
+    azimuth = torch.rad2deg(torch.atan2(position[:, 0], position[:, 2]))  # steindreamer.cameras' convention
+    albedo = torch.tensor([PALETTE[TRAIN_PAIRS[i][0]] for i in pool["pair"].tolist()])
+
+    def batches(gen: torch.Generator):
+        idx = torch.randint(len(captions), (args.critic_batch,), generator=gen)
+        m = pool["mask"][idx].float()[..., None]
+        flat = (torch.rand(len(idx), generator=gen) < 0.3)[:, None, None, None]
+        img = torch.where(flat, m * albedo[idx][:, None, None] + (1 - m), pool["rgb"][idx].float())
+        text = emb[torch.where(torch.rand(len(idx), generator=gen) < 0.25, bare[idx], full[idx])]
+        return img.permute(0, 3, 1, 2) * 2 - 1, azimuth[idx], text
+
+    t0 = time.time()
+    critic = CameraCritic(CameraCriticConfig(in_channels=3, text_dim=emb.shape[-1]))
+    losses = train_camera_critic(critic, batches, M.build_scheduler().alphas_cumprod, args.critic_steps, seed=args.seed,
+                                 log=lambda m: log(work, m))
+    critic.eval().save_pretrained(folder / "camera_critic")
+    card_path = folder / "steindreamer.json"
+    card = json.loads(card_path.read_text())
+    card["camera_critic"] = "camera_critic"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    log(work, f"camera critic: {args.critic_steps} steps, final loss {np.mean(losses[-200:]):.3f}, "
+              f"{(time.time() - t0) / 60:.1f} min -> {folder / 'camera_critic'}")
+
+
 # --------------------------------------------------------------------------------- export
 def export(args, work: Path) -> None:
     tok = build_tokenizer()
@@ -316,7 +329,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="/tmp/steindreamer_builtin")
     ap.add_argument("--out-dir", default=str(M.BUILTIN_DIR))
-    ap.add_argument("--stages", default="data,unet,depth,checker,export")
+    ap.add_argument("--stages", default="data,unet,depth,checker,export,critic")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest while other jobs share 2 cores")
     ap.add_argument("--seed", type=int, default=0)
@@ -336,6 +349,8 @@ def main() -> None:
     ap.add_argument("--objective", choices=["dsm", "lcss"], default="dsm",
                     help="UNet objective: dsm (ε-MSE) or lcss (score matching, Jacobian trace by Stein's identity)")
     ap.add_argument("--lcss-sigma", type=float, default=0.1, help="LCSS neighbourhood radius, a fraction of the noise level σ_t")
+    ap.add_argument("--critic-steps", type=int, default=8000)
+    ap.add_argument("--critic-batch", type=int, default=64)
     ap.add_argument("--depth-steps", type=int, default=5000)
     ap.add_argument("--depth-lr", type=float, default=1e-3)
     ap.add_argument("--ckpt-minutes", type=float, default=3.0)
@@ -348,7 +363,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
     log(work, f"stages {stages} args {vars(args)}")
-    pool = make_pool(work, args.pool, args.seed, args.device, args.elevation) if {"data", "unet", "depth"} & set(stages) else None
+    pool = make_pool(work, args.pool, args.seed, args.device, args.elevation) if {"data", "unet", "depth", "critic"} & set(stages) else None
     if "unet" in stages:
         train_unet(args, work, pool)
     if "depth" in stages:
@@ -363,6 +378,8 @@ def main() -> None:
                   f"{(time.time() - t0) / 60:.1f} min")
     if "export" in stages:
         export(args, work)
+    if "critic" in stages:
+        train_critic(args, work, pool)
 
 
 if __name__ == "__main__":

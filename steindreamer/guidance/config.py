@@ -63,6 +63,9 @@ class GuidanceConfig:
     weighting: Weighting = "sigma2"
     grad_clip: float = 0.0  # per-element clip of G, 0 = off
     view_dependent: bool = True  # append "front view" etc. to the prompt
+    # Classifier-guidance scale of the model's camera critic (used where the model's card names one,
+    # see guidance/camera_critic.py): 1 is Bayes' rule, more sharpens an unsure critic; 0: off.
+    camera_scale: float = 1.0
     half_precision: bool = True  # fp16 weights on CUDA (always fp32 on CPU)
     cache_dir: str = ""  # text-embedding cache; "" = $STEINDREAMER_CACHE or ~/.cache/steindreamer
     ssd: SSDConfig = dc_field(default_factory=SSDConfig)
@@ -75,6 +78,7 @@ class GuidanceConfig:
         require(self.guidance_scale >= 0, f"{key}.guidance_scale", ">= 0")
         require_choice(self.weighting, WEIGHTINGS, f"{key}.weighting")
         require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0")
+        require(self.camera_scale >= 0, f"{key}.camera_scale", ">= 0")
         require(bool(self.model.strip()), f"{key}.model", "a folder, hub id or builtin")
         self.ssd.check(f"{key}.ssd")
         self.vsd.check(f"{key}.vsd")

@@ -125,19 +125,38 @@ class DiffusionGuidance:
         self.cache_dir = _cache_dir(cache_dir) / "text_emb"
         self._emb: dict[str, torch.Tensor] = {}
         self.camera_kind = self._camera_kind()
+        self.camera_critic = self._camera_critic()
+
+    def _card(self) -> dict:
+        card = Path(self.location) / "steindreamer.json"
+        return json.loads(card.read_text()) if card.is_file() else {}
 
     def _camera_kind(self) -> str | None:
         """How the model takes the camera, from its card (`steindreamer.json` "camera"): "c2w_flat16"
         (the flattened 4x4 camera-to-world pose, as class labels added to the timestep embedding, as
         MVDream does) or None for a text-only model."""
-        card = Path(self.location) / "steindreamer.json"
-        kind = json.loads(card.read_text()).get("camera") if card.is_file() else None
+        kind = self._card().get("camera")
         if kind is None:
             return None
         if kind != "c2w_flat16" or getattr(self.unet, "class_embedding", None) is None:
             raise UserError(f"{self.location}: steindreamer.json names camera {kind!r}, which this UNet cannot take "
                             "(expected 'c2w_flat16' with a projection class embedding)")
         return kind
+
+    def _camera_critic(self):
+        """The model's camera critic (classifier guidance on the azimuth, `camera_critic.py`), from the
+        folder its card names under "camera_critic"; None if it names none."""
+        name = self._card().get("camera_critic")
+        if not name:
+            return None
+        from .camera_critic import CameraCritic
+
+        try:
+            critic = CameraCritic.from_pretrained(Path(self.location) / name)
+        except (OSError, ValueError, TypeError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{self.location}: cannot load its camera critic '{name}': {first}") from None
+        return critic.to(self.device)
 
     def camera_condition(self, cameras) -> torch.Tensor | None:
         """The model's camera input for each rendered view ([B, 16]), or None for a text-only model."""

@@ -9,6 +9,7 @@ import torch
 
 from .config import GuidanceConfig
 from .baselines import constant_baseline, depth_baseline, normal_baseline
+from .camera_critic import guidance_term
 from .diffusion import DiffusionGuidance
 from .engines import control_variate, sanitize, sds, vsd
 
@@ -54,6 +55,9 @@ class Distiller:
         with torch.no_grad():
             x_t = guide.schedule.add_noise(x0, noise, t)
             eps = self._eps_pretrained(x_t, t, cond, uncond, camera)
+        if guide.camera_critic is not None and g.camera_scale > 0:  # the prior made camera-aware (Bayes)
+            eps = eps + guidance_term(guide.camera_critic, x_t, t, cond, cameras.azimuth, guide.schedule.alpha_sigma(t)[1],
+                                      g.camera_scale)
         if g.engine == "sds":
             grad = sds(eps, noise, weight)
         elif g.engine == "ssd":

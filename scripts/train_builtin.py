@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however the script is loaded
 
 from builtin_losses import lcss_eps_loss, lcss_loss, ssi_loss  # noqa: E402,F401 - lcss_loss: the tests' entry
-from steindreamer.fsio import atomic_torch_save  # noqa: E402
+from steindreamer.fsio import atomic_torch_save, atomic_write  # noqa: E402
 from steindreamer.toy import model as M  # noqa: E402
 from steindreamer.toy.vocab import build_tokenizer  # noqa: E402
 from steindreamer.toy.world import HELD_OUT, TOY_CAMERA, TOY_RESOLUTION, TRAIN_PAIRS, caption, render_batch, sample_views, view_captions  # noqa: E402
@@ -298,7 +298,13 @@ def train_critic(args, work: Path, pool: dict) -> None:
     card_path = folder / "steindreamer.json"
     card = json.loads(card_path.read_text())
     card["camera_critic"] = "camera_critic"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    atomic_write(card_path, json.dumps(card, indent=2) + "\n")
+    info_path = folder / "training.json"  # how the critic was made, beside how the UNet was
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info["camera_critic"] = {"steps": args.critic_steps, "batch": args.critic_batch, "pool_views": len(captions),
+                             "elevation": list(args.elevation), "final_loss": round(float(np.mean(losses[-200:])), 4),
+                             "minutes": round((time.time() - t0) / 60, 1), "command": " ".join(sys.argv)}
+    atomic_write(info_path, json.dumps(info, indent=2) + "\n")
     log(work, f"camera critic: {args.critic_steps} steps, final loss {np.mean(losses[-200:]):.3f}, "
               f"{(time.time() - t0) / 60:.1f} min -> {folder / 'camera_critic'}")
 

@@ -158,8 +158,9 @@ def test_bench_yaw_gap_is_zero_for_a_round_shape_and_not_for_a_cube():
     guide = DiffusionGuidance("builtin", torch.device("cpu"))
     round_ = bench.denoising_gap(guide, "red", "cylinder", [0.0, 30.0], 15.0, draws=2, seed=0)
     assert abs(round_["gap"]) < 1e-4 * round_["loss_right"]  # turning a cylinder changes nothing
+    assert abs(round_["critic_logp_gap"]) < 1e-4  # the shipped model's camera critic: same image, same log p
     cube = bench.denoising_gap(guide, "red", "cube", [0.0, 30.0], 15.0, draws=2, seed=0)
-    assert cube["loss_turned"] != cube["loss_right"]
+    assert cube["loss_turned"] != cube["loss_right"] and abs(cube["critic_logp_gap"]) > 1e-3
 
 
 def test_bench_start_from_truth_begins_right_and_from_the_blob_round():

@@ -78,3 +78,33 @@ def test_depth_model_correlates_with_true_disparity():
 
 # Measured on these 8 renders: Pearson 0.86, AbsRel 0.011 (a constant prediction scores AbsRel ~0.056).
 PEARSON_MIN, ABSREL_MAX = 0.75, 0.03
+
+
+@torch.no_grad()
+def test_shipped_camera_critic_tells_the_true_yaw_from_a_turned_one_on_fresh_renders():
+    """The shipped model's camera critic (classifier guidance on the azimuth) on views it never saw:
+    for a cube, a pyramid and a cylinder at random azimuths, the true azimuth against the same view's
+    azimuth shifted by 45 degrees. A cube or a pyramid turned 45 degrees looks different, so the critic
+    must prefer the true azimuth on most views, by a clear margin; an untrained critic prefers either
+    at chance."""
+    from steindreamer.cameras import make_cameras
+    from steindreamer.guidance.diffusion import DiffusionGuidance
+    from steindreamer.toy.world import caption, render_shape
+
+    guide = DiffusionGuidance("builtin", torch.device("cpu"))
+    assert guide.camera_critic is not None, "the shipped model names no camera critic"
+    g = torch.Generator().manual_seed(123)
+    n = 24
+    azimuth = torch.rand(n, generator=g) * 360 - 180
+    elevation = torch.rand(n, generator=g) * 40
+    cams = make_cameras(elevation, azimuth, torch.full((n,), 2.0), torch.full((n,), 45.0))
+    t = torch.full((n,), 100, dtype=torch.long)
+    for shape in ("cube", "pyramid"):
+        img = render_shape(shape, "green", cams, TOY_RESOLUTION, TOY_RESOLUTION, supersample=2)["rgb"]
+        x = guide.encode(img.permute(0, 3, 1, 2))
+        x_t = guide.schedule.add_noise(x, torch.randn(x.shape, generator=g), t)
+        emb = guide.text_embeddings([caption("green", shape)] * n)
+        right = guide.camera_critic.log_prob(x_t, t, emb, azimuth)
+        turned = guide.camera_critic.log_prob(x_t, t, emb, azimuth + 45)
+        # measured: cube and pyramid 21/24 views each, mean log-p gaps 2.4 and 2.9 nats
+        assert (right > turned).float().mean() >= 0.75 and (right - turned).mean() > 1.0, (shape, right - turned)

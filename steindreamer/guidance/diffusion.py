@@ -156,7 +156,7 @@ class DiffusionGuidance:
         except (OSError, ValueError, TypeError, RuntimeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"{self.location}: cannot load its camera critic '{name}': {first}") from None
-        return critic.to(self.device)
+        return critic.to(self.device, memory_format=torch.channels_last)  # see camera_critic.guidance_term
 
     def camera_condition(self, cameras) -> torch.Tensor | None:
         """The model's camera input for each rendered view ([B, 16]), or None for a text-only model."""

@@ -104,6 +104,24 @@ def write_gallery(results: list[dict], path: Path, size: int = 96) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def write_grid(results: list[dict], path: Path, size: int = 128, columns: int = 6) -> None:
+    """The compact picture (README's): one view of each asset in prompt order, `columns` to a row, framed
+    green where the check found the right shape and colour, red where not, grey where the run failed."""
+    from PIL import Image
+
+    cells = []
+    for r in results:
+        cell = np.full((size, size, 3), 255, np.uint8)
+        if "failed" not in r:
+            cell = gallery_strip(Path(r["run"]) / "model.glb", size)[:, size:2 * size].copy()
+        frame = (200, 200, 200) if "failed" in r else (40, 160, 60) if r["right"] else (220, 40, 40)
+        cell[:2], cell[-2:], cell[:, :2], cell[:, -2:] = frame, frame, frame, frame
+        cells.append(cell)
+    cells += [np.full((size, size, 3), 255, np.uint8)] * (-len(cells) % columns)
+    rows = [np.concatenate(cells[i:i + columns], axis=1) for i in range(0, len(cells), columns)]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
 def summarise(results: list[dict]) -> dict:
     ok = [r for r in results if "failed" not in r]
     cubes = [r for r in ok if parse_caption(r["prompt"])[1] == "cube"]
@@ -164,13 +182,15 @@ def main() -> None:
     out_path = Path(args.out)
     gallery = Path(args.gallery) if args.gallery else out_path.with_suffix(".png")
     write_gallery(results, gallery)
-    out["gallery"] = str(gallery)
+    grid = gallery.with_name(gallery.stem + "_grid.png")
+    write_grid(results, grid)
+    out["gallery"], out["grid"] = str(gallery), str(grid)
     atomic_write(out_path, json.dumps(out, indent=2) + "\n")
     for e, s in by_engine.items():
         print(f"{e}: {s['right']}/{s['assets']} right (shape {s['shape_right']}, colour {s['colour_right']}), "
               f"mean IoU {s['mean_volumetric_iou']:.3f}, chamfer {s['mean_chamfer']:.3f}, "
               f"{s['seconds_per_asset_mean']:.0f} s per asset (max {s['seconds_per_asset_max']:.0f})")
-    print(f"wrote {out_path} and {gallery}")
+    print(f"wrote {out_path}, {gallery} and {grid}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,6 +150,11 @@ def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):
     assert 0 < s["seconds_per_asset_mean"] <= s["seconds_per_asset_max"]
     w, h = Image.open(res["gallery"]).size
     assert h == 2 * 96 and w > 6 * 96
+    grid = np.asarray(Image.open(res["grid"]).convert("RGB"))
+    assert grid.shape == (128, 6 * 128, 3)  # one row of 6 cells, 2 filled
+    for i, r in enumerate(rows):  # each cell framed green (right) or red (wrong)
+        assert tuple(grid[0, i * 128 + 64]) == ((40, 160, 60) if r["right"] else (220, 40, 40))
+    assert (grid[:, 2 * 128:] == 255).all()
 
 
 def test_bench_yaw_gap_is_zero_for_a_round_shape_and_not_for_a_cube():

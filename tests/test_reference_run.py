@@ -3,11 +3,15 @@ checkpoint tensors, the same per-step loss and t, and the same run-folder files 
 in tests/data.
 
 Bitwise equality holds on one CPU only: torch's CPU kernels and our C kernels sum in an order that
-depends on the instruction set (the same run under AVX2 and AVX-512 differs by 1e-4 in the NeRF's
-hash table after 24 steps, and the mesh extracted from it has other face indices). So the tensors are
-compared with tolerances an order below what one more training step changes (measured: hash table
-4e-4 across CPUs against 1e-2 for one more step; MLP weights 6e-8 against 1e-3; the mesh's vertices,
-as point sets, 1e-3 Chamfer against 1.2e-2), and the mesh by its geometry, not its face indices.
+depends on the instruction set, and the mesh extracted from a slightly different field has other
+face indices. So the tensors are compared with tolerances well below what one more training step
+changes, and the mesh by its geometry. Measured with the toy preset (grid learning rate 0.04), AVX2
+against AVX-512 (in brackets: the pure-PyTorch backend against the C kernels) and one more NeRF
+step: hash-table entries that moved more than 2e-3, 0.06 % (0.15 %) against 63 % (a few entries by
+up to 3e-2 across CPUs: Adam's normalised step); NeRF MLP weights 6e-6 (5e-5) against 1e-3;
+occupancy densities 6e-5 of their largest value; the mesh's vertices, as point sets, 3e-4 (1.6e-3)
+Chamfer against 1.2e-2; the texture MLP 7e-6 (2.5e-4), and 9e-5 for one more mesh step, whose RNG
+state and losses show it.
 
 A change that is meant to alter training (a new default, a fixed bug on this path) regenerates the
 reference with `python tests/test_reference_run.py --write` and says so in its commit."""
@@ -26,9 +30,15 @@ DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "red_cube_reference.json"
 TENSORS = DATA / "red_cube_reference.safetensors"
 DERIVED = ("edges", "face_pairs", "degree")  # rebuilt from the faces when a mesh is loaded
-# Largest allowed |difference| per tensor group (see the module's docstring for the measurements).
-TOLERANCE = {"nerf.field.encoding.table": 2e-3, "nerf.": 1e-5, "mesh.texture_field.field.net.": 3e-4,
-             "mesh.texture_field.field.occupancy.": 1e-5}
+# Largest allowed |difference| per tensor group (see the module's docstring for the measurements);
+# the occupancy grids' densities relative to their largest value.
+TOLERANCE = {"nerf.field.occupancy.": 1e-3, "nerf.": 1e-4, "mesh.texture_field.field.net.": 3e-4,
+             "mesh.texture_field.field.occupancy.": 1e-3}
+RELATIVE = ("nerf.field.occupancy.", "mesh.texture_field.field.occupancy.")
+# The hash table by the share of its entries that moved more than TABLE_ATOL: Adam turns a gradient
+# that is 0 on one CPU and 1e-12 on another into a whole step for that entry, so a few entries may
+# differ by a learning rate while the rest agree.
+TABLE, TABLE_ATOL, TABLE_SHARE = "nerf.field.encoding.table", 2e-3, 0.01
 MESH_CHAMFER = 4e-3  # vertices of the final mesh (base + offsets), both directions' mean
 LOSS_RTOL = {"nerf": 1e-4, "mesh": 2e-2}  # the mesh stage starts from a re-extracted mesh
 
@@ -80,8 +90,13 @@ def differences(run_dir: Path) -> list[str]:
             same = got[name].shape == ref.shape  # the geometry is compared as a point set below
         elif name.startswith("mesh.texture_field.field.encoding"):
             same = got[name].shape == ref.shape  # a hash table fed by a re-extracted mesh's texels
+        elif name == TABLE:
+            same = got[name].shape == ref.shape and \
+                ((got[name].double() - ref.double()).abs() > TABLE_ATOL).double().mean().item() <= TABLE_SHARE
         else:
             tol = next(v for k, v in TOLERANCE.items() if name.startswith(k))
+            if name.startswith(RELATIVE) and ref.numel():
+                tol *= ref.double().abs().max().item()
             same = got[name].shape == ref.shape and (not ref.numel() or
                                                      (got[name].double() - ref.double()).abs().max().item() <= tol)
         if not same:

@@ -132,7 +132,10 @@ def test_check_prompt_with_the_builtin_models_vocabulary():
     from steindreamer.toy.model import DIFFUSION_DIR, MODEL_CARD
 
     # The shipped folder's card is what training writes (the vocabulary lives with the model).
-    assert json.loads((DIFFUSION_DIR / "steindreamer.json").read_text()) == MODEL_CARD
+    # (plus the camera critic that train_builtin's critic stage adds)
+    card = json.loads((DIFFUSION_DIR / "steindreamer.json").read_text())
+    assert (DIFFUSION_DIR / card.pop("camera_critic") / "model.safetensors").is_file()
+    assert card == MODEL_CARD
     for text in training_captions()[:40] + ["A Red Cube", "a blue torus, overhead view"]:
         assert check_prompt(f"  {text} ", str(DIFFUSION_DIR)) == text.lower()
     with pytest.raises(UserError) as e:

@@ -89,12 +89,19 @@ def gallery_strip(glb: Path, size: int = 96) -> np.ndarray:
     return np.concatenate(frames, axis=1)
 
 
-def write_gallery(results: list[dict], path: Path, size: int = 96) -> None:
+def render_strips(results: list[dict], size: int = 128) -> list[np.ndarray]:
+    """Each asset's gallery strip, rendered once for both pictures (blank where the run failed)."""
+    return [gallery_strip(Path(r["run"]) / "model.glb", size) if "failed" not in r else np.full((size, 6 * size, 3), 255, np.uint8)
+            for r in results]
+
+
+def write_gallery(results: list[dict], strips: list[np.ndarray], path: Path, size: int = 96) -> None:
     from PIL import Image, ImageDraw
 
     rows = []
-    for r in results:
-        strip = gallery_strip(Path(r["run"]) / "model.glb", size) if "failed" not in r else np.full((size, 6 * size, 3), 255, np.uint8)
+    for r, strip in zip(results, strips):
+        if strip.shape[0] != size:
+            strip = np.asarray(Image.fromarray(strip).resize((6 * size, size), Image.LANCZOS))
         label = Image.new("RGB", (170, size), "white")
         draw = ImageDraw.Draw(label)
         draw.text((4, 4), f"{r['engine']}: {r['prompt'][2:]}", fill="black")
@@ -107,16 +114,16 @@ def write_gallery(results: list[dict], path: Path, size: int = 96) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def write_grid(results: list[dict], path: Path, size: int = 128, columns: int = 6) -> None:
-    """The compact picture (README's): one view of each asset in prompt order, `columns` to a row, framed
-    green where the check found the right shape and colour, red where not, grey where the run failed."""
+def write_grid(results: list[dict], strips: list[np.ndarray], path: Path, columns: int = 6) -> None:
+    """The compact picture (README's): one view of each asset (its strip's second) in prompt order,
+    `columns` to a row, framed green where the check found the right shape and colour, red where not,
+    grey where the run failed."""
     from PIL import Image
 
+    size = strips[0].shape[0]
     cells = []
-    for r in results:
-        cell = np.full((size, size, 3), 255, np.uint8)
-        if "failed" not in r:
-            cell = gallery_strip(Path(r["run"]) / "model.glb", size)[:, size:2 * size].copy()
+    for r, strip in zip(results, strips):
+        cell = strip[:, size:2 * size].copy()
         frame = (200, 200, 200) if "failed" in r else (40, 160, 60) if r["right"] else (220, 40, 40)
         cell[:2], cell[-2:], cell[:, :2], cell[:, -2:] = frame, frame, frame, frame
         cells.append(cell)
@@ -184,9 +191,10 @@ def main() -> None:
            "wall_seconds": round(time.time() - t0, 1), "results": results}
     out_path = Path(args.out)
     gallery = Path(args.gallery) if args.gallery else out_path.with_suffix(".png")
-    write_gallery(results, gallery)
+    strips = render_strips(results)
+    write_gallery(results, strips, gallery)
     grid = gallery.with_name(gallery.stem + "_grid.png")
-    write_grid(results, grid)
+    write_grid(results, strips, grid)
     out["gallery"], out["grid"] = str(gallery), str(grid)
     atomic_write(out_path, json.dumps(out, indent=2) + "\n")
     for e, s in by_engine.items():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from steindreamer.cameras import make_cameras, view_prompt, view_suffixes
+from steindreamer.fsio import atomic_write
 from steindreamer.guidance.diffusion import DiffusionGuidance
 from steindreamer.toy.world import TOY_CAMERA, TOY_RESOLUTION, caption, render_shape
 
@@ -47,11 +48,11 @@ def denoising_gap(guide: DiffusionGuidance, colour: str, shape: str, azimuths, e
         t = guide.schedule.sample_t(n, 0.02, 0.98, g)
         noise = torch.randn(n, 3, TOY_RESOLUTION, TOY_RESOLUTION, generator=g)
         for name, img in (("right", right), ("turned", wrong)):
-            x = guide.encode(img.permute(0, 3, 1, 2))
-            eps = guide.unet_eps(guide.schedule.add_noise(x, noise, t), t, emb, camera=camera)
+            x_t = guide.schedule.add_noise(guide.encode(img.permute(0, 3, 1, 2)), noise, t)
+            eps = guide.unet_eps(x_t, t, emb, camera=camera)
             losses[name].append(((eps - noise) ** 2).mean(dim=(1, 2, 3)))
             if guide.camera_critic is not None:
-                critic[name].append(guide.camera_critic.log_prob(guide.schedule.add_noise(x, noise, t), t, emb, cams.azimuth))
+                critic[name].append(guide.camera_critic.log_prob(x_t, t, emb, cams.azimuth))
     r, w = torch.stack(losses["right"]), torch.stack(losses["turned"])  # [draws, n]
     gap = (r - w).mean(1)  # paired over the same (t, eps) draws: one number per draw
     out = {"loss_right": float(r.mean()), "loss_turned": float(w.mean()), "gap": float(gap.mean()),
@@ -87,7 +88,7 @@ def main() -> None:
               flush=True)
     result["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} ({result['seconds']} s)")
 
 

@@ -301,12 +301,12 @@ def train_critic(args, work: Path, pool: dict) -> None:
     atomic_write(card_path, json.dumps(card, indent=2) + "\n")
     info_path = folder / "training.json"  # how the critic was made, beside how the UNet was
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    final_loss, minutes = float(np.mean(losses[-200:])), (time.time() - t0) / 60
     info["camera_critic"] = {"steps": args.critic_steps, "batch": args.critic_batch, "pool_views": len(captions),
-                             "elevation": list(args.elevation), "final_loss": round(float(np.mean(losses[-200:])), 4),
-                             "minutes": round((time.time() - t0) / 60, 1), "command": " ".join(sys.argv)}
+                             "elevation": list(args.elevation), "final_loss": round(final_loss, 4),
+                             "minutes": round(minutes, 1), "command": " ".join(sys.argv)}
     atomic_write(info_path, json.dumps(info, indent=2) + "\n")
-    log(work, f"camera critic: {args.critic_steps} steps, final loss {np.mean(losses[-200:]):.3f}, "
-              f"{(time.time() - t0) / 60:.1f} min -> {folder / 'camera_critic'}")
+    log(work, f"camera critic: {args.critic_steps} steps, final loss {final_loss:.3f}, {minutes:.1f} min -> {folder / 'camera_critic'}")
 
 
 # --------------------------------------------------------------------------------- export

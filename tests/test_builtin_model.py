@@ -83,7 +83,7 @@ PEARSON_MIN, ABSREL_MAX = 0.75, 0.03
 @torch.no_grad()
 def test_shipped_camera_critic_tells_the_true_yaw_from_a_turned_one_on_fresh_renders():
     """The shipped model's camera critic (classifier guidance on the azimuth) on views it never saw:
-    for a cube, a pyramid and a cylinder at random azimuths, the true azimuth against the same view's
+    for a cube and a pyramid at random azimuths and elevations, the true azimuth against the same view's
     azimuth shifted by 45 degrees. A cube or a pyramid turned 45 degrees looks different, so the critic
     must prefer the true azimuth on most views, by a clear margin; an untrained critic prefers either
     at chance."""

@@ -1,20 +1,26 @@
 #!/usr/bin/env python
-"""Variance, convergence and cost of SDS, VSD and SSD on the built-in model (JSON + PNG out).
+"""Variance, cost and convergence of the estimators (SDS, SSD, VSD and the exact noise reducers) on
+the built-in model, measured honestly (JSON + PNG out; docs/method.md, "Variance, measured honestly").
 
     python scripts/bench_engines.py --out benchmarks/engines_cpu.json --png benchmarks/engines_cpu.png
     python scripts/bench_engines.py --quick --out /tmp/engines.json     # CI-sized
 
-(a) Gradient variance at fixed theta: one SDS run is stopped at several checkpoints; at each, every
-    engine draws K independent (t, eps, camera) samples of G and of the theta-gradient it induces
-    (mean per-element variance). Stateful engines first adapt at that theta for `--adapt` draws
-    (SSD fits its weights, VSD trains its LoRA), then draw without learning.
-(b) Quality against steps: one run per engine from the same seed; the 3D check (silhouette IoU with
-    the true shape, foreground colour error) every `--eval-every` steps. Quality = IoU - colour
-    error; SSD "reaches" SDS's final quality (mean of its last two checks) at the first step from
-    which its own two-check running mean stays at or above it.
-(c) Time per step and its breakdown, from the same runs.
-Top-level numbers: variance_ratio_ssd_sds, variance_ratio_ssd_vsd, step_time_ratio_ssd_sds,
-step_time_ratio_ssd_vsd, steps_ratio_ssd_to_sds_quality (null when SDS's final quality is never reached).
+(a) Where SDS's variance lives: at checkpoints of one SDS run, a nested design (C renders, T
+    timesteps per render, E noises per (render, t)), the same draws for every engine, splits the
+    theta-gradient variance into camera, t and eps parts (`inner_fraction`: the eps share, the most
+    any eps control variate can remove); per t bucket, each engine's (and the antithetic pair's)
+    eps variance over SDS's, with bootstrap intervals.
+(b) Per step and per unit cost: every configuration in CONFIGS draws whole independent steps at the
+    same checkpoints (each on a stage of its own, rendered at that step; SSD's weights and VSD's LoRA
+    first adapt there, then are frozen); `variance_per_cost_vs_sds` = its theta variance x measured
+    seconds per step over SDS's, mean over checkpoints, with a 90 % bootstrap interval (also per UNet
+    call). A configuration that spends more must beat simply taking more draws.
+(c) Convergence: SDS and the configuration with the lowest variance per cost train from the same
+    seed on several prompts; every `--eval-every` steps the NeRF's surface (the mesh stage's
+    extraction) is scored by volumetric IoU with the true shape (steindreamer.toy.shape3d).
+    `steps_to_sds_quality` = the fraction of SDS's steps after which the configuration's two-check
+    running IoU stays at or above SDS's final IoU (mean of its last two checks); null if never.
+    The engines (and the biased ablation ssd_paper) also train on the main prompt for the plot.
 """
 from __future__ import annotations
 
@@ -32,81 +38,206 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steindreamer.config import load_config  # noqa: E402
-from steindreamer.guidance.config import ENGINES  # noqa: E402
+from steindreamer.export.extract import extract_field_surface  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
-from steindreamer.guidance.variance import gradient_variance, induced_theta_grad  # noqa: E402
-from steindreamer.toy.check3d import evaluate_field  # noqa: E402
+from steindreamer.guidance.engines import injected_loss  # noqa: E402
+from steindreamer.guidance.variance import (NestedMoments, StepSamples, bootstrap_ratio, group_moments,  # noqa: E402
+                                            induced_theta_grad, nested_components)
 from steindreamer.stages import Context, NeRFStage  # noqa: E402
+from steindreamer.toy import shape3d  # noqa: E402
+from steindreamer.toy.world import parse_caption  # noqa: E402
+
+PAIR = ["guidance.noise.draws=2", "guidance.noise.antithetic=true"]
+STRAT = ["guidance.noise.t_sampling=stratified"]
+# name -> (engine, overrides): the estimator configurations compared per step and per cost
+CONFIGS = {
+    "sds": ("sds", []),
+    "ssd": ("ssd", []),
+    "vsd": ("vsd", []),
+    "sds_draws2": ("sds", ["guidance.noise.draws=2"]),
+    "sds_antithetic": ("sds", PAIR),
+    "sds_stratified": ("sds", STRAT),
+    "sds_antithetic_stratified": ("sds", PAIR + STRAT),
+    "sds_1view_antithetic_stratified": ("sds", PAIR + STRAT + ["train.batch_size=1"]),
+    "sds_draws4_antithetic_stratified": ("sds", ["guidance.noise.draws=4", "guidance.noise.antithetic=true"] + STRAT),
+    "ssd_antithetic_stratified": ("ssd", PAIR + STRAT),
+    "vsd_antithetic_stratified": ("vsd", PAIR + STRAT),
+}
+# trained on the main prompt for the quality plot; ssd_paper is the project page's literal (biased) term
+QUALITY_RUNS = {"sds": ("sds", []), "ssd": ("ssd", []), "vsd": ("vsd", []), "ssd_paper": ("ssd", ["guidance.ssd.stein_form=paper"])}
+CONVERGENCE_PROMPTS = ("a red cube", "a orange pyramid", "a blue cone")
+UNBIASED_ENGINES = ("sds", "ssd", "vsd")
 
 
-def make_stage(engine: str, args, extra=()) -> NeRFStage:
+def make_stage(engine: str, args, extra=(), prompt: str | None = None) -> NeRFStage:
     cfg = load_config(args.preset, None, [f"engine={engine}", f"seed={args.seed}", "train.variance_every=0", *args.override, *extra])
     guidance = DiffusionGuidance(cfg.guidance.model, torch.device("cpu"), True, cfg.guidance.cache_dir)
-    return NeRFStage(Context(args.prompt, cfg, guidance))
+    return NeRFStage(Context(prompt or args.prompt, cfg, guidance))
 
 
 def draw_g(stage: NeRFStage, update: bool):
+    """One whole step's estimate (its renders, its draws) without updating the field."""
     ctx = stage.ctx
     out, cams = stage.render_train()
     x = ctx.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-    t, noise = ctx.draw_noise(x, *stage.t_range())
+    t, noise = ctx.draw_noise(x, *stage.t_range(), step=stage.step_index, independent=True)
     grad, _ = ctx.distiller.gradient(x, out, cams, ctx.text_for(cams), ctx.uncond, t, noise, update=update, generator=ctx.generator)
     return x, grad
 
 
-def variance_at(stage: NeRFStage, field_state: dict, step: int, args) -> dict:
-    """Variance of G and of its theta gradient at the field state of `step`, rendered as training
-    renders at that step (its shading schedule, t annealing). `stage` must be fresh: what an
-    estimator fits (mu sums, the LoRA) is fitted here, at this state, and nowhere else."""
+def at_state(stage: NeRFStage, field_state: dict, step: int, adapt: int) -> NeRFStage:
+    """The stage at the field state of `step`, rendering as training renders there (its shading
+    schedule, t annealing); SSD fits (mu, nu) and VSD trains its LoRA for `adapt` draws, then both
+    stay frozen (update=False) while they are measured."""
     stage.field.load_state_dict(field_state)
     stage.step_index = step
-    for _ in range(args.adapt):  # SSD fits (mu, nu), VSD trains its LoRA, at this theta
+    for _ in range(adapt):
         with torch.no_grad():
             draw_g(stage, update=True)
+    return stage
+
+
+def count_unet_rows(stage: NeRFStage) -> list[int]:
+    """A counter of the samples the UNet sees (CFG's two halves, VSD's LoRA calls included)."""
+    rows = [0]
+    stage.ctx.guidance.unet.register_forward_hook(lambda m, a, kw, out: rows.__setitem__(0, rows[0] + int((a[0] if a else kw["sample"]).shape[0])),
+                                                  with_kwargs=True)
+    return rows
+
+
+def step_measure(name: str, state: dict, step: int, args) -> dict:
+    """(b) for one configuration at one state: M independent whole-step theta gradients (the stage
+    is kept for the timing rounds)."""
+    engine, extra = CONFIGS[name]
+    stage = at_state(make_stage(engine, args, extra), state, step, args.adapt if engine != "sds" else 0)
     params = [p for p in stage.field.parameters() if p.requires_grad]
-
-    def draw(_):
+    samples = StepSamples()
+    for _ in range(args.draws):
         x, grad = draw_g(stage, update=False)
-        return grad.detach(), induced_theta_grad(x, grad, params)
-
-    report = gradient_variance(draw, args.draws)
-    return {"var_image": report.var_image, "var_theta": report.var_theta}
+        samples.add(torch.cat([g.flatten() for g in induced_theta_grad(x, grad.detach(), params)]))
+    return {"samples": samples, "stage": stage}
 
 
-def variance_table(states: dict, make, args) -> dict:
-    """{engine: {step: variance_at(...)}}, each (engine, step) on a stage of its own from `make`
-    (a stage reused across states would carry one state's mu sums into the next)."""
-    return {e: {step: variance_at(make(e), state, step, args) for step, state in states.items()} for e in ENGINES}
+def time_steps(stages: dict, rounds: int) -> dict:
+    """Seconds and UNet samples per real training step of each stage, timed round-robin (one step of
+    each in turn, `rounds` times, the first round dropped) so the machine's drift hits all alike."""
+    rows = {n: count_unet_rows(s) for n, s in stages.items()}
+    seconds = {n: [] for n in stages}
+    for _ in range(rounds + 1):
+        for n, stage in stages.items():
+            t0 = time.perf_counter()
+            stage.step()
+            seconds[n].append(time.perf_counter() - t0)
+    return {n: {"seconds": statistics.median(seconds[n][1:]), "unet_rows": rows[n][0] / (rounds + 1)} for n in stages}
 
 
-def run_quality(engine: str, args) -> dict:
-    stage = make_stage(engine, args)
-    series, times = [], []
+def nested_measure(state: dict, step: int, args) -> dict:
+    """(a) at one state: the same (render, t, eps) draws for every engine and for the antithetic pair."""
+    render = at_state(make_stage("sds", args), state, step, 0)
+    engines = {e: at_state(make_stage(e, args), state, step, args.adapt if e != "sds" else 0) for e in UNBIASED_ENGINES}
+    params = [p for p in render.field.parameters() if p.requires_grad]
+    ctx, sched = render.ctx, render.ctx.guidance.schedule
+    names = list(UNBIASED_ENGINES) + ["sds_antithetic"]
+    moments = {n: NestedMoments([], [], args.nested[2]) for n in names}
+    ts = []
+    for _ in range(args.nested[0]):
+        out, cams = render.render_train()
+        x = ctx.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
+        cond = ctx.text_for(cams)
+        for n in names:
+            moments[n].means.append([]), moments[n].inner.append([])
+        ts.append([])
+        for _ in range(args.nested[1]):
+            t = sched.sample_t(1, *render.t_range(), ctx.generator).repeat(x.shape[0])
+            ts[-1].append(int(t[0]))
+            draws = {n: [] for n in names}
+            for _ in range(args.nested[2]):
+                noise = torch.randn(x.shape, generator=ctx.generator)
+                grads = {}
+                for e in UNBIASED_ENGINES:
+                    grads[e] = engines[e].ctx.distiller.gradient(x, out, cams, cond, ctx.uncond, t, noise, update=False)[0].detach()
+                grads["sds_antithetic"] = 0.5 * (grads["sds"] + engines["sds"].ctx.distiller.gradient(
+                    x, out, cams, cond, ctx.uncond, t, -noise, update=False)[0].detach())
+                for n, g in grads.items():
+                    draws[n].append(torch.cat([q.flatten() for q in induced_theta_grad(x, g, params)]))
+            for n in names:
+                mean, inner = group_moments(draws[n])
+                moments[n].means[-1].append(mean), moments[n].inner[-1].append(inner)
+    return {"components": {n: nested_components(moments[n]) for n in names}, "t": ts,
+            "inner": {n: moments[n].inner for n in names}}
+
+
+def bucket_ratios(nested: list[dict], t_range: tuple[int, int], buckets: int, seed: int) -> dict:
+    """Per t bucket and name: mean eps variance over SDS's at the same draws, bootstrap over (render, t) groups."""
+    lo, hi = t_range
+    gen = torch.Generator().manual_seed(seed)
+    edges = np.linspace(lo, hi + 1, buckets + 1)
+    out = {}
+    names = [n for n in nested[0]["inner"] if n != "sds"]
+    for b in range(buckets):
+        rows = [(i, c, k) for i, nd in enumerate(nested) for c, row in enumerate(nd["t"]) for k, t in enumerate(row)
+                if edges[b] <= t < edges[b + 1]]
+        key = f"{int(edges[b])}-{int(edges[b + 1]) - 1}"
+        if not rows:
+            out[key] = None
+            continue
+        val = {n: torch.tensor([nested[i]["inner"][n][c][k] for i, c, k in rows], dtype=torch.float64) for n in names + ["sds"]}
+        entry = {"groups": len(rows)}
+        for n in names:
+            boots = []
+            for _ in range(1000):
+                idx = torch.randint(len(rows), (len(rows),), generator=gen)
+                boots.append(float(val[n][idx].mean() / val["sds"][idx].mean()))
+            entry[n] = {"ratio": float(val[n].mean() / val["sds"].mean()), "interval": np.quantile(boots, [0.05, 0.95]).tolist()}
+        out[key] = entry
+    return out
+
+
+def per_cost(measures: dict, timing: dict, args) -> dict:
+    """Each configuration's theta variance x cost over SDS's (mean over checkpoints), 90 % intervals."""
+    out = {}
+    ref, tref = measures["sds"], timing["sds"]
+    for name, by_state in measures.items():
+        steps = list(by_state)
+        sec = timing[name]["seconds"] / tref["seconds"]
+        unet = timing[name]["unet_rows"] / tref["unet_rows"]
+        var = bootstrap_ratio([(by_state[s]["samples"], ref[s]["samples"]) for s in steps], seed=args.seed)
+        out[name] = {"ratio": var["ratio"] * sec, "interval": [v * sec for v in var["interval"]],
+                     "variance_ratio": var["ratio"], "variance_interval": var["interval"], "seconds_ratio": sec,
+                     "unet_calls_ratio": unet, "per_unet_call": var["ratio"] * unet,
+                     "seconds_per_step": timing[name]["seconds"], "unet_samples_per_step": timing[name]["unet_rows"],
+                     "variance_by_step": {str(s): by_state[s]["samples"].variance() for s in steps}}
+    return out
+
+
+def nerf_iou(stage: NeRFStage, prompt: str) -> float:
+    """The 3D benchmark's volumetric IoU of the NeRF's surface (the mesh stage's extraction) with the truth."""
+    _, shape = parse_caption(prompt)
+    v, f, _ = extract_field_surface(stage.field, stage.cfg.mesh)
+    occ, truth = shape3d.voxelise(v, f), shape3d.true_occupancy(shape)
+    return float((occ & truth).sum() / max(1, (occ | truth).sum()))
+
+
+def train_series(engine: str, extra, prompt: str, args) -> dict:
+    stage = make_stage(engine, args, extra, prompt)
+    series, seconds = [], []
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            q = evaluate_field(stage.field, stage.background, stage.cfg, args.prompt, views=8, resolution=32)
-            series.append({"step": step, "mean_iou": q["mean_iou"], "colour_error": q["colour_error"], "best_shape": q["best_shape"]})
+            series.append({"step": step, "volumetric_iou": nerf_iou(stage, prompt)})
         if step < args.steps:
-            info = stage.step()
-            times.append({k: v for k, v in info.items() if k.startswith("time_")} | {"step": sum(v for k, v in info.items() if k.startswith("time_"))})
-    keys = times[0].keys()
-    med = {k: statistics.median(t[k] for t in times[1:] or times) for k in keys}
-    return {"series": series, "step_seconds": med["step"], "breakdown": {k: med[k] for k in keys if k != "step"}, "stage": stage}
+            t0 = time.perf_counter()
+            stage.step()
+            seconds.append(time.perf_counter() - t0)
+    return {"series": series, "step_seconds": statistics.median(seconds)}
 
 
 def quality(point: dict) -> float:
-    """One number per 3D check: silhouette IoU with the true shape, less the foreground colour error."""
-    return point["mean_iou"] - point["colour_error"]
+    return point["volumetric_iou"]
 
 
 def final_quality(series: list[dict]) -> float:
     # The mean of the last two checks: one noisy check must not set the bar.
     return float(np.mean([quality(p) for p in series[-2:]]))
-
-
-def variance_ratio(variance: dict, a: str, b: str, key: str = "var_theta") -> float:
-    """Engine a's variance over engine b's, averaged over the checkpoints: variance[engine][step][key]."""
-    return float(np.mean([variance[a][s][key] / variance[b][s][key] for s in variance[a]]))
 
 
 def steps_to_reach(series: list[dict], level: float) -> int | None:
@@ -118,56 +249,100 @@ def steps_to_reach(series: list[dict], level: float) -> int | None:
     return None
 
 
+def convergence(best: str, args, runs: dict) -> dict:
+    engine, extra = CONFIGS[best]
+    out = {"config": best, "prompts": {}}
+    for prompt in args.convergence_prompts:
+        sds = runs["sds"] if prompt == args.prompt and "sds" in runs else train_series("sds", [], prompt, args)
+        other = train_series(engine, extra, prompt, args)
+        level = final_quality(sds["series"])
+        reach = steps_to_reach(other["series"], level)
+        out["prompts"][prompt] = {"fraction": None if reach is None else reach / args.steps, "sds_final_iou": level,
+                                  "final_iou": final_quality(other["series"]), "sds": sds["series"], best: other["series"]}
+    fractions = [p["fraction"] for p in out["prompts"].values()]
+    out["at_most_0.7"] = sum(f is not None and f <= 0.7 for f in fractions)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="toy")
     parser.add_argument("--prompt", default="a red cube")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoints", type=int, default=3, help="points of the SDS run where variance is measured")
-    parser.add_argument("--draws", type=int, default=16)
+    parser.add_argument("--draws", type=int, default=24, help="whole-step samples per configuration and checkpoint")
+    parser.add_argument("--nested", type=int, nargs=3, default=[6, 4, 4], metavar=("C", "T", "E"))
     parser.add_argument("--adapt", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="CI-sized: 20 steps, 2 checkpoints, 4 draws")
+    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--convergence-prompts", default=",".join(CONVERGENCE_PROMPTS))
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 20 steps, 1 checkpoint, few draws")
     parser.add_argument("override", nargs="*", help="config overrides for every run, key=value")
     parser.add_argument("--out")
     parser.add_argument("--png")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.eval_every, args.checkpoints, args.draws, args.adapt = 20, 10, 2, 4, 3
+        args.steps, args.eval_every, args.checkpoints, args.draws, args.adapt, args.timing_steps = 20, 10, 1, 4, 3, 2
+        args.nested = [2, 2, 2]
+    args.convergence_prompts = [p for p in args.convergence_prompts.split(",") if p]
+    names = [n for n in args.configs.split(",") if n]
+    unknown = set(names) - set(CONFIGS)
+    if unknown or "sds" not in names:
+        parser.error(f"--configs: unknown {sorted(unknown)} or sds missing; known: {', '.join(CONFIGS)}")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
 
-    # (b) + (c): one run per engine, same seed.
-    runs = {e: run_quality(e, args) for e in ENGINES}
-    # (a): checkpoints of the SDS run's trajectory, re-created by re-running SDS to each point.
     ref = make_stage("sds", args)
-    marks = sorted({max(1, round(args.steps * (i + 1) / args.checkpoints)) for i in range(args.checkpoints)})
+    marks = sorted({max(1, round(args.steps * (i + 1) / (args.checkpoints + 1))) for i in range(args.checkpoints)})
     states = {}
-    for step in range(1, args.steps + 1):
+    for step in range(1, max(marks) + 1):
         ref.step()
         if step in marks:
             states[step] = copy.deepcopy(ref.field.state_dict())
-    variance = variance_table(states, lambda engine: make_stage(engine, args), args)
-
-    def ratio(a, b, key="var_theta"):
-        return variance_ratio(variance, a, b, key)
-
-    sds_final = final_quality(runs["sds"]["series"])
-    reach = steps_to_reach(runs["ssd"]["series"], sds_final)
+    print(f"checkpoints {marks} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    nested = [nested_measure(state, step, args) for step, state in states.items()]
+    print(f"nested draws done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    measures, timed = {}, {}
+    for name in names:
+        measures[name] = {step: step_measure(name, state, step, args) for step, state in states.items()}
+        timed[name] = measures[name][marks[-1]]["stage"]  # timed at the last checkpoint; the others go
+        for m in measures[name].values():
+            m.pop("stage")
+        print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    timing = time_steps(timed, args.timing_steps)
+    print(f"timing done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    cost = per_cost(measures, timing, args)
+    best = min((n for n in cost if n != "sds"), key=lambda n: cost[n]["ratio"]) if len(cost) > 1 else "sds"
+    runs = {n: train_series(e, x, args.prompt, args) for n, (e, x) in QUALITY_RUNS.items()}
+    print(f"quality runs done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    conv = convergence(best, args, runs)
+    sds_total = [nd["components"]["sds"] for nd in nested]
+    lo, hi = ref.ctx.guidance.schedule.t_bounds(*ref.t_range())
     result = {
-        "prompt": args.prompt, "preset": args.preset, "steps": args.steps, "draws": args.draws, "seconds": None,
-        "variance_ratio_ssd_sds": ratio("ssd", "sds"), "variance_ratio_ssd_vsd": ratio("ssd", "vsd"),
-        "variance_ratio_ssd_sds_image": ratio("ssd", "sds", "var_image"), "variance_ratio_ssd_vsd_image": ratio("ssd", "vsd", "var_image"),
-        "step_time_ratio_ssd_sds": runs["ssd"]["step_seconds"] / runs["sds"]["step_seconds"],
-        "step_time_ratio_ssd_vsd": runs["ssd"]["step_seconds"] / runs["vsd"]["step_seconds"],
-        "steps_ratio_ssd_to_sds_quality": (reach / args.steps) if reach is not None else None,
-        "quality_measure": "3D check: mean IoU with the true shape minus foreground colour error; final = mean of the last two checks",
-        "final_quality": {e: final_quality(runs[e]["series"]) for e in ENGINES},
-        "variance": {e: {str(s): v for s, v in variance[e].items()} for e in ENGINES},
-        "quality": {e: runs[e]["series"] for e in ENGINES},
-        "time": {e: {"step_seconds": runs[e]["step_seconds"], "breakdown": runs[e]["breakdown"]} for e in ENGINES},
+        "prompt": args.prompt, "preset": args.preset, "steps": args.steps, "checkpoints": marks, "draws": args.draws,
+        "nested_design": args.nested, "adapt": args.adapt, "overrides": args.override, "seconds": None,
+        "inner_fraction": float(np.mean([c["inner_fraction"] for c in sds_total])),
+        "variance_components_sds": {str(s): nd["components"]["sds"] for s, nd in zip(marks, nested)},
+        "variance_components": {str(s): nd["components"] for s, nd in zip(marks, nested)},
+        "inner_variance_vs_sds_by_t": bucket_ratios(nested, (lo, hi), 4, args.seed),
+        "variance_per_cost_vs_sds": {n: {k: v for k, v in c.items()} for n, c in cost.items()},
+        "best_config": best,
+        "steps_to_sds_quality": {"config": best, "fraction": {p: v["fraction"] for p, v in conv["prompts"].items()},
+                                 "at_most_0.7": conv["at_most_0.7"]},
+        "convergence": conv,
+        "quality_measure": "volumetric IoU of the NeRF's extracted surface with the true shape; final = mean of the last two checks",
+        "final_quality": {n: final_quality(r["series"]) for n, r in runs.items()},
+        "quality": {n: r["series"] for n, r in runs.items()},
+        "time": {n: {"step_seconds": r["step_seconds"]} for n, r in runs.items()},
     }
+    for a, b in (("ssd", "sds"), ("ssd", "vsd"), ("vsd", "sds")):
+        if a in cost and b in cost:
+            result[f"variance_ratio_{a}_{b}"] = cost[a]["variance_ratio"] / cost[b]["variance_ratio"]
+            result[f"step_time_ratio_{a}_{b}"] = cost[a]["seconds_per_step"] / cost[b]["seconds_per_step"]
+    reach = steps_to_reach(runs["ssd"]["series"], final_quality(runs["sds"]["series"]))
+    result["steps_ratio_ssd_to_sds_quality"] = None if reach is None else reach / args.steps
     result["seconds"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)
     print(text)
@@ -188,18 +363,25 @@ def plot(result: dict, path: Path) -> None:
 
     from steindreamer.fsio import atomic_save
 
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    for e in ENGINES:
-        v = result["variance"][e]
-        steps = sorted(int(s) for s in v)
-        ax[0].plot(steps, [v[str(s)]["var_theta"] for s in steps], "o-", label=e)
-        q = result["quality"][e]
-        ax[1].plot([p["step"] for p in q], [quality(p) for p in q], label=e)
-        ax[2].bar(e, result["time"][e]["step_seconds"])
-    ax[0].set(title="theta-gradient variance at fixed theta", xlabel="checkpoint step (SDS run)", yscale="log")
-    ax[1].set(title=f"3D check: IoU - colour error ({result['prompt']})", xlabel="step")
-    ax[2].set(title="seconds per step")
-    ax[0].legend(), ax[1].legend()
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    cost = result["variance_per_cost_vs_sds"]
+    for n, c in cost.items():
+        steps = sorted(int(s) for s in c["variance_by_step"])
+        ax[0].plot(steps, [c["variance_by_step"][str(s)] for s in steps], "o-", label=n)
+    for n, series in result["quality"].items():
+        ax[1].plot([p["step"] for p in series], [quality(p) for p in series], label=n)
+    best = result["best_config"]
+    for p, v in result["convergence"]["prompts"].items():
+        ax[1].plot([q["step"] for q in v[best]], [quality(q) for q in v[best]], "--", label=f"{best}: {p}")
+    names = list(cost)
+    r = [cost[n]["ratio"] for n in names]
+    err = np.array([[cost[n]["ratio"] - cost[n]["interval"][0], cost[n]["interval"][1] - cost[n]["ratio"]] for n in names]).T
+    ax[2].barh(names, r, xerr=err)
+    ax[2].axvline(1.0, color="k", lw=0.8)
+    ax[0].set(title="theta-gradient variance per step at fixed theta", xlabel="checkpoint step (SDS run)", yscale="log")
+    ax[1].set(title=f"volumetric IoU of the NeRF's surface ({result['prompt']})", xlabel="step")
+    ax[2].set(title="variance x seconds per step / SDS's (90 % interval)")
+    ax[0].legend(fontsize=6), ax[1].legend(fontsize=6)
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 

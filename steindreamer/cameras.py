@@ -57,6 +57,11 @@ class Cameras:
             out = Cameras(*(t.unsqueeze(0) for t in (out.c2w, out.fov, out.elevation, out.azimuth, out.distance)))
         return out
 
+    def repeat(self, k: int) -> "Cameras":
+        """The batch k times over, batch-major blocks (row j B + b is camera b)."""
+        return Cameras(*(getattr(self, f).repeat(k, *([1] * (getattr(self, f).dim() - 1)))
+                         for f in ("c2w", "fov", "elevation", "azimuth", "distance")))
+
     @property
     def position(self) -> torch.Tensor:
         return self.c2w[:, :3, 3]

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def _load(name: str):
 
 def test_steps_to_reach_needs_the_level_held_to_the_end():
     bench = _load("bench_engines")
-    series = [{"step": s, "mean_iou": q, "colour_error": 0.0} for s, q in [(0, 0.2), (10, 0.8), (20, 0.3), (30, 0.7), (40, 0.75)]]
+    series = [{"step": s, "volumetric_iou": q} for s, q in [(0, 0.2), (10, 0.8), (20, 0.3), (30, 0.7), (40, 0.75)]]
     # Running means of two checks: 0.2, 0.5, 0.55, 0.5, 0.725 -> at or above 0.5 from step 10 on.
     assert bench.steps_to_reach(series, 0.5) == 10
     assert bench.steps_to_reach(series, 0.7) == 40
@@ -48,24 +49,49 @@ def test_bench_step_timings_and_ratios_on_known_times():
     assert bench.step_time_ratios({"sds": engines["sds"]}) == {}
 
 
-def test_bench_engines_variance_ratio_is_the_mean_of_per_checkpoint_ratios():
+def test_bench_engines_variance_per_cost_is_variance_times_seconds_over_sds():
+    from steindreamer.guidance.variance import StepSamples
+
     bench = _load("bench_engines")
-    variance = {"ssd": {10: {"var_theta": 1.0, "var_image": 9.0}, 20: {"var_theta": 3.0, "var_image": 1.0}},
-                "sds": {10: {"var_theta": 2.0, "var_image": 3.0}, 20: {"var_theta": 4.0, "var_image": 1.0}}}
-    assert bench.variance_ratio(variance, "ssd", "sds") == pytest.approx(0.625)  # (1/2 + 3/4) / 2, not 4/6
-    assert bench.variance_ratio(variance, "ssd", "sds", "var_image") == pytest.approx(2.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def samples(scale):
+        s = StepSamples()
+        for _ in range(30):
+            s.add(scale * torch.randn(400, generator=gen))
+        return s
+
+    measures = {"sds": {10: {"samples": samples(1.0)}, 20: {"samples": samples(1.0)}},
+                "half": {10: {"samples": samples(2 ** -0.5)}, 20: {"samples": samples(2 ** -0.5)}}}
+    timing = {"sds": {"seconds": 1.0, "unet_rows": 4}, "half": {"seconds": 1.5, "unet_rows": 8}}
+    cost = bench.per_cost(measures, timing, SimpleNamespace(seed=0))
+    assert cost["sds"]["ratio"] == pytest.approx(1.0)
+    half = cost["half"]  # half the variance at 1.5x the seconds: 0.75 per cost, 1.0 per UNet call
+    assert half["variance_ratio"] == pytest.approx(0.5, rel=0.15) and half["ratio"] == pytest.approx(0.75, rel=0.15)
+    assert half["interval"][0] < half["ratio"] < half["interval"][1] and half["per_unet_call"] == pytest.approx(1.0, rel=0.15)
 
 
 def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     out = tmp_path / "engines.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",
-           "--draws", "2", "--adapt", "1", "--out", str(out), "--png", str(tmp_path / "engines.png"), "train.batch_size=1", "render.samples=16"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+           "--draws", "3", "--adapt", "1", "--nested", "2", "2", "2", "--timing-steps", "1", "--configs", "sds,ssd,vsd,sds_antithetic",
+           "--convergence-prompts", "a red cube,a blue cone", "--out", str(out), "--png", str(tmp_path / "engines.png"),
+           "train.batch_size=1", "render.samples=16", "mesh.grid_resolution=32"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
     res = json.loads(out.read_text())
     for key in ("variance_ratio_ssd_sds", "variance_ratio_ssd_vsd", "step_time_ratio_ssd_sds", "step_time_ratio_ssd_vsd"):
         assert math.isfinite(res[key]) and res[key] > 0, key
-    assert "steps_ratio_ssd_to_sds_quality" in res
-    assert [p["step"] for p in res["quality"]["ssd"]] == [0, 2, 4]
+    assert 0 <= res["inner_fraction"] <= 1.5 and set(res["variance_components_sds"]["2"]) >= {"camera", "t", "eps", "total"}
+    cost = res["variance_per_cost_vs_sds"]
+    assert set(cost) == {"sds", "ssd", "vsd", "sds_antithetic"} and cost["sds"]["ratio"] == pytest.approx(1.0)
+    for c in cost.values():
+        assert c["interval"][0] <= c["ratio"] <= c["interval"][1] and c["seconds_per_step"] > 0
+    assert cost["sds_antithetic"]["unet_calls_ratio"] == pytest.approx(2.0)  # two draws per render: twice the UNet samples
+    best = res["best_config"]
+    assert best == min((n for n in cost if n != "sds"), key=lambda n: cost[n]["ratio"]) == res["steps_to_sds_quality"]["config"]
+    assert set(res["steps_to_sds_quality"]["fraction"]) == {"a red cube", "a blue cone"}
+    assert "steps_ratio_ssd_to_sds_quality" in res and set(res["quality"]) == {"sds", "ssd", "vsd", "ssd_paper"}
+    assert [p["step"] for p in res["quality"]["ssd"]] == [0, 2, 4] and all(0 <= p["volumetric_iou"] <= 1 for p in res["quality"]["ssd"])
     assert (tmp_path / "engines.png").read_bytes()[:4] == b"\x89PNG"
 
     out = tmp_path / "step.json"
@@ -91,10 +117,9 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
 
 
 def test_bench_engines_measures_each_state_fresh_and_as_training_renders_it(monkeypatch):
-    """The variance meter's two defects: every (engine, state) gets a stage of its own, and the stage
-    renders at that state's step (the shading schedule), not at step 0 (albedo only)."""
-    from types import SimpleNamespace
-
+    """The variance meter's two defects: every (configuration, state) gets a stage of its own, and the
+    stage renders at that state's step (the shading schedule), not at step 0 (albedo only); what an
+    estimator fits is fitted there (update=True) and frozen while it is measured (update=False)."""
     bench = _load("bench_engines")
     made, seen = [], []
 
@@ -105,22 +130,23 @@ def test_bench_engines_measures_each_state_fresh_and_as_training_renders_it(monk
         def parameters(self):
             return []
 
-    def make(engine):
-        stage = SimpleNamespace(engine=engine, field=FakeField(), step_index=0)
-        made.append(stage)
-        return stage
+    def make(engine, args, extra=(), prompt=None):
+        made.append(SimpleNamespace(engine=engine, field=FakeField(), step_index=0))
+        return made[-1]
 
-    def fake_variance(draw, n):
-        draw(0)
-        return SimpleNamespace(var_image=1.0, var_theta=2.0)
-
-    monkeypatch.setattr(bench, "draw_g", lambda stage, update: seen.append((stage.engine, stage.step_index, stage.field.state)) or (None, torch.zeros(1)))
-    monkeypatch.setattr(bench, "induced_theta_grad", lambda x, grad, params: None)
-    monkeypatch.setattr(bench, "gradient_variance", fake_variance)
-    table = bench.variance_table({100: "state-100", 200: "state-200"}, make, SimpleNamespace(adapt=1, draws=2))
-    assert len(made) == 2 * len(bench.ENGINES) and len({id(s) for s in made}) == len(made)
-    assert {(e, step, state) for e, step, state in seen} == {(e, s, f"state-{s}") for e in bench.ENGINES for s in (100, 200)}
-    assert table["sds"][200] == {"var_image": 1.0, "var_theta": 2.0}
+    monkeypatch.setattr(bench, "make_stage", make)
+    monkeypatch.setattr(bench, "draw_g", lambda stage, update: seen.append((stage.engine, stage.step_index, stage.field.state, update))
+                        or (None, torch.zeros(1)))
+    monkeypatch.setattr(bench, "induced_theta_grad", lambda x, grad, params: [torch.randn(3)])
+    args = SimpleNamespace(adapt=2, draws=3)
+    for name in ("sds", "ssd"):
+        for step in (100, 200):
+            m = bench.step_measure(name, f"state-{step}", step, args)
+            assert len(m["samples"].samples) == 3
+    assert len(made) == 4 and len({id(s) for s in made}) == 4
+    for e, adapt in (("sds", 0), ("ssd", 2)):
+        for step in (100, 200):
+            assert seen.count((e, step, f"state-{step}", True)) == adapt and seen.count((e, step, f"state-{step}", False)) == 3
 
 
 def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):

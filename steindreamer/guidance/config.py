@@ -6,6 +6,7 @@ from dataclasses import dataclass, field as dc_field
 from typing import Literal, get_args
 
 from ..errors import require, require_choice
+from .reducers import T_SAMPLINGS, TSampling
 from .schedule import WEIGHTINGS, Weighting
 from .stein import MU_SHAPES, MuShape
 
@@ -13,6 +14,9 @@ Engine = Literal["sds", "vsd", "ssd"]
 ENGINES = get_args(Engine)
 # SSD's baseline phi: agreement of the image's depth (or normals) with the render's | constant 1
 Baseline = Literal["depth", "normal", "constant"]
+# stein: h = sigma grad phi - eps phi (zero mean) | paper: the project page's literal eps phi + grad phi,
+# NOT zero mean: a labelled, biased ablation (does a depth-consistency push explain the paper's gains?)
+SteinForm = Literal["stein", "paper"]
 
 
 @dataclass
@@ -28,9 +32,11 @@ class SSDConfig:
     # Keep SDS's -eps control variate next to the Stein term, both weights fitted (scalar): equivalent
     # to the baseline phi + c with c fitted, and never worse than SDS (see guidance/stein.py).
     keep_sds_cv: bool = True
+    stein_form: SteinForm = "stein"  # paper: the biased literal term, for the ablation only
 
     def check(self, key: str = "guidance.ssd") -> None:
         require_choice(self.baseline, get_args(Baseline), f"{key}.baseline")
+        require_choice(self.stein_form, get_args(SteinForm), f"{key}.stein_form")
         require_choice(self.mu_shape, MU_SHAPES, f"{key}.mu_shape")
         require(0.0 <= self.mu_decay < 1.0, f"{key}.mu_decay", "in [0, 1)")
 
@@ -47,6 +53,21 @@ class VSDConfig:
     def check(self, key: str = "guidance.vsd") -> None:
         require(self.lora_rank >= 1, f"{key}.lora_rank", ">= 1")
         require(0.0 <= self.pose_drop_p <= 1.0, f"{key}.pose_drop_p", "in [0, 1]")
+
+
+@dataclass
+class NoiseConfig:
+    """How each step draws (t, eps) for its renders (guidance/reducers.py): exact variance reducers
+    that keep every engine's mean. Each extra draw costs one more model call, not a render."""
+
+    draws: int = 1  # K draws (t, eps) per rendered view, their gradients averaged before the backward pass
+    antithetic: bool = False  # draws in pairs (eps, -eps) at one t (needs an even `draws`)
+    t_sampling: TSampling = "iid"  # iid | stratified: one t per stratum within a step | sequence: also across steps
+
+    def check(self, key: str = "guidance.noise") -> None:
+        require(self.draws >= 1, f"{key}.draws", ">= 1")
+        require(not self.antithetic or self.draws % 2 == 0, f"{key}.draws", "even when antithetic is on (pairs eps, -eps)")
+        require_choice(self.t_sampling, T_SAMPLINGS, f"{key}.t_sampling")
 
 
 @dataclass
@@ -68,6 +89,7 @@ class GuidanceConfig:
     camera_scale: float = 1.0
     half_precision: bool = True  # fp16 weights on CUDA (always fp32 on CPU)
     cache_dir: str = ""  # text-embedding cache; "" = $STEINDREAMER_CACHE or ~/.cache/steindreamer
+    noise: NoiseConfig = dc_field(default_factory=NoiseConfig)
     ssd: SSDConfig = dc_field(default_factory=SSDConfig)
     vsd: VSDConfig = dc_field(default_factory=VSDConfig)
 
@@ -80,5 +102,6 @@ class GuidanceConfig:
         require(self.grad_clip >= 0, f"{key}.grad_clip", ">= 0")
         require(self.camera_scale >= 0, f"{key}.camera_scale", ">= 0")
         require(bool(self.model.strip()), f"{key}.model", "a folder, hub id or builtin")
+        self.noise.check(f"{key}.noise")
         self.ssd.check(f"{key}.ssd")
         self.vsd.check(f"{key}.vsd")

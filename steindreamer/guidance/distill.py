@@ -11,7 +11,8 @@ from .config import GuidanceConfig
 from .baselines import constant_baseline, depth_baseline, normal_baseline
 from .camera_critic import guidance_term
 from .diffusion import DiffusionGuidance
-from .engines import control_variate, sanitize, sds, vsd
+from .engines import control_variate, paper_term, sanitize, sds, vsd
+from .reducers import average_draws, repeat_draws
 
 
 class Distiller:
@@ -45,8 +46,17 @@ class Distiller:
 
     def gradient(self, x: torch.Tensor, render: dict, cameras, cond, uncond, t, noise, update: bool = True,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """G for one draw (t, noise). With update=False nothing is learned from it (mu sums, LoRA):
-        the variance meter draws extra samples that way."""
+        """G for the draws (t, noise): K = len(t) / len(x) draws per view, draw-major (see
+        guidance/reducers.py), averaged per view. With update=False nothing is learned from them (mu
+        sums, LoRA): the variance meter draws extra samples that way."""
+        views, draws = x.shape[0], t.shape[0] // x.shape[0]
+        if draws > 1:  # one render, K model calls: the views repeated once per draw
+            x, cond, cameras = repeat_draws(x, draws), repeat_draws(cond, draws), cameras.repeat(draws)
+            render = {k: repeat_draws(v, draws) for k, v in render.items() if torch.is_tensor(v) and v.dim() and len(v) == views}
+        grad, logs = self._gradient(x, render, cameras, cond, uncond, t, noise, update, generator, views)
+        return average_draws(grad, draws), logs
+
+    def _gradient(self, x, render, cameras, cond, uncond, t, noise, update, generator, views):
         g, guide = self.cfg, self.guidance
         weight = guide.schedule.weight(t, g.weighting)
         x0 = x.detach().float()
@@ -77,8 +87,11 @@ class Distiller:
                 eps_lora = guide.schedule.eps_from_output(out.float(), x_t, t)
             grad = vsd(eps, eps_lora, weight)
             if update:
-                logs["lora_loss"] = self.lora.train_step(x0.to(guide.dtype), cond, cameras.flat_pose().to(x0.device, guide.dtype),
-                                                         guide.schedule, generator, unet_kwargs=base)
+                # the LoRA learns each render once, not once per draw
+                logs["lora_loss"] = self.lora.train_step(x0[:views].to(guide.dtype), cond[:views],
+                                                         cameras.flat_pose()[:views].to(x0.device, guide.dtype),
+                                                         guide.schedule, generator,
+                                                         unet_kwargs=guide.unet_kwargs(None if camera is None else camera[:views], views))
         grad, finite = sanitize(grad, g.grad_clip)
         logs["finite"] = finite
         return grad, logs
@@ -98,6 +111,8 @@ class Distiller:
             normals_cam = torch.einsum("bji,bhwj->bihw", rot, render["normal"])
             opacity = render["opacity"].permute(0, 3, 1, 2)
             phi, grad_phi = normal_baseline(x_t.to(guide.dtype), normals_cam, opacity, self.estimate, decode)
+        if g.ssd.stein_form == "paper":
+            return paper_term(noise, phi.float(), grad_phi.float()), phi
         h = control_variate(noise, phi.float(), grad_phi.float(), sigma)
         return h, phi
 

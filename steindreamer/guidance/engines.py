@@ -6,6 +6,7 @@ renderer. Nothing here holds state or touches a model: callers compute the noise
 
     sds               G = w (eps_hat - eps)
     control_variate   h = sigma grad_phi - eps phi             (Stein, zero mean)
+    paper_term        eps phi + grad_phi                       (the page's literal form, biased: ablation)
     ssd               G = w (eps_hat + mu h)                   (phi == 1, mu = 1: SDS exactly)
     vsd               G = w h(r) (eps_pre - eps_lora)          (h from f_divergence_weight; None: VSD)
 Stateful helpers live elsewhere: stein.LaggedMu (mu from past steps), lora.VSDLora (eps_lora),
@@ -61,6 +62,13 @@ def control_variate(noise: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tens
     """Stein control variate h = sigma_t grad_phi - eps phi. `phi` is per sample [B] (or scalar),
     `grad_phi` = d phi / d x_t (shape of x_t), `sigma` is [B] or scalar. E_eps[h] = 0 for smooth phi."""
     return _bcast(sigma, noise) * grad_phi - noise * _bcast(phi, noise)
+
+
+def paper_term(noise: torch.Tensor, phi: torch.Tensor, grad_phi: torch.Tensor) -> torch.Tensor:
+    """The term as printed on SteinDreamer's project page, eps phi + grad phi. NOT zero mean (no sigma,
+    the relative sign flipped): G with it is biased. Kept only as the labelled ablation
+    guidance.ssd.stein_form=paper."""
+    return noise * _bcast(phi, noise) + grad_phi
 
 
 def ssd(eps_pred: torch.Tensor, h: torch.Tensor, mu: torch.Tensor | float,

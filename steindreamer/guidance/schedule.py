@@ -98,10 +98,13 @@ class NoiseSchedule:
     def sample_t(self, batch: int, t_min: float, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """`batch` integer timesteps uniform on [t_min T, t_max T] (clamped to [0, T - 1]), drawn on the
         CPU from `generator` and moved to the schedule's device."""
-        n = self.num_train_timesteps
-        lo = max(int(t_min * n), 0)
-        hi = min(int(t_max * n), n - 1)
+        lo, hi = self.t_bounds(t_min, t_max)
         return torch.randint(lo, hi + 1, (batch,), generator=generator).to(self.device)
+
+    def t_bounds(self, t_min: float, t_max: float) -> tuple[int, int]:
+        """The integer timesteps [lo, hi] that the fractions [t_min, t_max] of the schedule cover."""
+        n = self.num_train_timesteps
+        return max(int(t_min * n), 0), min(int(t_max * n), n - 1)
 
     # --- parameterisations -------------------------------------------------------------------------
     def eps_from_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

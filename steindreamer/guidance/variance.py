@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .engines import injected_loss
@@ -69,3 +70,84 @@ def induced_theta_grad(x: torch.Tensor, g: torch.Tensor, params: Sequence[torch.
     """d injected_loss(x, G) / d theta without touching .grad (x = render, with graph to params)."""
     grads = torch.autograd.grad(injected_loss(x, g), list(params), retain_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if q is None else q for p, q in zip(params, grads)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The honest meter (docs/method.md, "Variance, measured honestly"): a nested design (C cameras, T
+# timesteps per camera, E noises per (camera, t)) splits Var(G) into camera, t and eps parts; the
+# per-step variance of any estimator configuration comes with a bootstrap interval, per unit cost.
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class NestedMoments:
+    """What the nested decomposition needs, accumulated one (camera, t) group at a time: each
+    group's mean [P] and the mean over elements of its unbiased within-group (eps) variance."""
+    means: list[list[torch.Tensor]]  # [C][T] group means
+    inner: list[list[float]]  # [C][T] mean per-element variance over the group's E draws
+    e: int  # draws per group
+
+
+def group_moments(samples: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """(mean, mean per-element unbiased variance) of one group's E flat samples."""
+    s = Welford()
+    for x in samples:
+        s = welford_update(s, x)
+    return s.mean, welford_variance(s)
+
+
+def nested_components(m: NestedMoments) -> dict:
+    """Var(G) of one draw at random (camera, t, eps) as camera + t + eps parts (mean per element),
+    unbiased under the nested design: eps = E_{c,t} Var(G | c, t) (what any eps control variate can
+    at most remove), t = E_c Var_t(E[G | c, t]), camera = Var_c(E[G | c]). `inner_fraction` = eps / total."""
+    means = torch.stack([torch.stack(row) for row in m.means])  # [C, T, P]
+    c, t = means.shape[:2]
+    eps = float(torch.tensor(m.inner, dtype=torch.float64).mean())
+    t_part = float(means.var(1, unbiased=True).mean()) - eps / m.e if t > 1 else float("nan")
+    cam = float(means.mean(1).var(0, unbiased=True).mean()) - (t_part if t > 1 else 0.0) / t - eps / (t * m.e) if c > 1 else float("nan")
+    total = cam + t_part + eps
+    return {"camera": cam, "t": t_part, "eps": eps, "total": total, "inner_fraction": eps / total}
+
+
+class StepSamples:
+    """Independent per-step estimates of a flat gradient (at fixed theta), kept with their Gram
+    matrix, so the mean per-element variance of any resample is exact and cheap (bootstrap)."""
+
+    def __init__(self):
+        self.samples: list[torch.Tensor] = []
+        self.gram = torch.zeros(0, 0, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().flatten().float()
+        dots = torch.stack([(s.double() * x.double()).sum() for s in self.samples] + [(x.double() ** 2).sum()])
+        n = len(self.samples)
+        g = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        g[:n, :n] = self.gram
+        g[n, :], g[:, n] = dots, dots
+        self.gram = g
+        self.samples.append(x)
+
+    @property
+    def size(self) -> int:
+        return self.samples[0].numel()
+
+    def variance(self, idx: torch.Tensor | None = None) -> float:
+        """Mean per-element unbiased variance of the samples at `idx` (a multiset; all by default)."""
+        idx = torch.arange(len(self.samples)) if idx is None else idx
+        m = len(idx)
+        k = self.gram[idx][:, idx]
+        return float((k.diagonal().sum() - k.sum() / m) / ((m - 1) * self.size))
+
+
+def bootstrap_ratio(pairs: Sequence[tuple[StepSamples, StepSamples]], n_boot: int = 2000, level: float = 0.9,
+                    seed: int = 0) -> dict:
+    """The mean over `pairs` (e.g. checkpoints) of Var(a) / Var(b), with a percentile bootstrap
+    interval (every sample set resampled independently in each replicate)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def resampled(s: StepSamples) -> float:
+        m = len(s.samples)
+        return s.variance(torch.randint(m, (m,), generator=gen))
+
+    boots = torch.tensor([float(np.mean([resampled(a) / max(resampled(b), 1e-300) for a, b in pairs])) for _ in range(n_boot)],
+                         dtype=torch.float64)
+    lo, hi = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return {"ratio": float(np.mean([a.variance() / b.variance() for a, b in pairs])), "interval": [lo, hi], "level": level}

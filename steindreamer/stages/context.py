@@ -12,6 +12,7 @@ from ..config import Config
 from ..field.nerf import Background
 from ..guidance.diffusion import DiffusionGuidance
 from ..guidance.distill import Distiller
+from ..guidance.reducers import draw_plan
 
 
 class Context:
@@ -24,6 +25,9 @@ class Context:
         # Module initialisers draw from torch's global RNG: they get a stream of their own, seeded
         # by the run, so building a run neither depends on nor changes the process' RNG state.
         self._init_rng = torch.Generator().manual_seed(cfg.train.seed).get_state()
+        # The random shift of t_sampling=sequence: uniform per seed, from a stream of its own so that
+        # the training stream is the same whatever the sampling.
+        self.t_shift = float(torch.rand(1, generator=torch.Generator().manual_seed(cfg.train.seed + 0x5EED), dtype=torch.float64))
         with self.seeded_init():
             self.background = Background(cfg.background).to(self.device)
             self.distiller = Distiller(cfg.guidance, guidance)
@@ -46,10 +50,18 @@ class Context:
             return self.guidance.text_embeddings([self.prompt] * len(cameras))
         return self.guidance.text_embeddings([self.prompts[s] for s in view_suffixes(cameras, self.cfg.camera)])
 
-    def draw_noise(self, x: torch.Tensor, t_min: float, t_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.guidance.schedule.sample_t(x.shape[0], t_min, t_max, self.generator)
-        noise = torch.randn(x.shape, generator=self.generator).to(x.device, torch.float32)
-        return t, noise
+    def draw_noise(self, x: torch.Tensor, t_min: float, t_max: float, step: int = 0,
+                   independent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, noise) for the views x: guidance.noise.draws per view, draw-major, with the configured
+        reducers (guidance/reducers.py). `step` places the draws in the sequence (t_sampling=sequence);
+        `independent` gives that sequence a fresh random shift (meters: extra draws independent of the step's)."""
+        n = self.cfg.guidance.noise
+        lo, hi = self.guidance.schedule.t_bounds(t_min, t_max)
+        shift = self.t_shift
+        if independent and n.t_sampling == "sequence":
+            shift = float(torch.rand(1, generator=self.generator, dtype=torch.float64))
+        t, noise = draw_plan(tuple(x.shape), lo, hi, n.draws, n.antithetic, n.t_sampling, self.generator, step, shift)
+        return t.to(self.guidance.schedule.device), noise.to(x.device, torch.float32)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "distiller": self.distiller.state_dict()}

@@ -74,7 +74,7 @@ class Stage(ABC):
         timings["render"] = time.perf_counter() - t0
         cond = ctx.text_for(cams)
         t1 = time.perf_counter()
-        t, noise = ctx.draw_noise(x, *self.t_range())
+        t, noise = ctx.draw_noise(x, *self.t_range(), step=self.step_index)
         grad, logs = ctx.distiller.gradient(x, out, cams, cond, ctx.uncond, t, noise, generator=ctx.generator)
         finite = logs.pop("finite")
         every = self.cadence.variance_every
@@ -103,7 +103,7 @@ class Stage(ABC):
         this render, learning nothing from them (the full meter is scripts/bench_engines.py)."""
         samples = []
         for _ in range(draws):
-            t, noise = self.ctx.draw_noise(x, *self.t_range())
+            t, noise = self.ctx.draw_noise(x, *self.t_range(), step=self.step_index, independent=True)
             g, _ = self.ctx.distiller.gradient(x, out, cams, cond, self.ctx.uncond, t, noise, update=False)
             samples.append(g.float())
         return float(torch.stack(samples).var(0, unbiased=True).mean())

@@ -272,10 +272,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoints", type=int, default=3, help="points of the SDS run where variance is measured")
-    parser.add_argument("--draws", type=int, default=24, help="whole-step samples per configuration and checkpoint")
+    parser.add_argument("--draws", type=int, default=96, help="whole-step samples per configuration and checkpoint")
     parser.add_argument("--nested", type=int, nargs=3, default=[6, 4, 4], metavar=("C", "T", "E"))
     parser.add_argument("--adapt", type=int, default=20)
-    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--timing-steps", type=int, default=30)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--convergence-prompts", default=",".join(CONVERGENCE_PROMPTS))
     parser.add_argument("--quick", action="store_true", help="CI-sized: 20 steps, 1 checkpoint, few draws")
@@ -363,25 +363,29 @@ def plot(result: dict, path: Path) -> None:
 
     from steindreamer.fsio import atomic_save
 
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, ax = plt.subplots(1, 4, figsize=(21, 4.8))
     cost = result["variance_per_cost_vs_sds"]
-    for n, c in cost.items():
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(cost), 2)))
+    for (n, c), colour in zip(cost.items(), colours):
         steps = sorted(int(s) for s in c["variance_by_step"])
-        ax[0].plot(steps, [c["variance_by_step"][str(s)] for s in steps], "o-", label=n)
+        ax[0].plot(steps, [c["variance_by_step"][str(s)] for s in steps], "o-", color=colour, label=n)
     for n, series in result["quality"].items():
         ax[1].plot([p["step"] for p in series], [quality(p) for p in series], label=n)
     best = result["best_config"]
-    for p, v in result["convergence"]["prompts"].items():
-        ax[1].plot([q["step"] for q in v[best]], [quality(q) for q in v[best]], "--", label=f"{best}: {p}")
+    for (p, v), colour in zip(result["convergence"]["prompts"].items(), plt.get_cmap("tab10").colors):
+        ax[2].plot([q["step"] for q in v["sds"]], [quality(q) for q in v["sds"]], "-", color=colour, label=f"sds: {p}")
+        ax[2].plot([q["step"] for q in v[best]], [quality(q) for q in v[best]], "--", color=colour, label=f"{best}: {p}")
     names = list(cost)
     r = [cost[n]["ratio"] for n in names]
     err = np.array([[cost[n]["ratio"] - cost[n]["interval"][0], cost[n]["interval"][1] - cost[n]["ratio"]] for n in names]).T
-    ax[2].barh(names, r, xerr=err)
-    ax[2].axvline(1.0, color="k", lw=0.8)
+    ax[3].barh(names, r, xerr=err, color=colours)
+    ax[3].axvline(1.0, color="k", lw=0.8)
     ax[0].set(title="theta-gradient variance per step at fixed theta", xlabel="checkpoint step (SDS run)", yscale="log")
     ax[1].set(title=f"volumetric IoU of the NeRF's surface ({result['prompt']})", xlabel="step")
-    ax[2].set(title="variance x seconds per step / SDS's (90 % interval)")
-    ax[0].legend(fontsize=6), ax[1].legend(fontsize=6)
+    ax[2].set(title=f"SDS against the best per cost ({best})", xlabel="step")
+    ax[3].set(title="variance x seconds per step / SDS's (90 % interval)")
+    for a in ax[:3]:
+        a.legend(fontsize=6)
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 

@@ -63,12 +63,13 @@ def test_low_discrepancy_t_keeps_the_marginal_law(mode):
     assert torch.equal(t, torch.arange(20, 981))  # each integer timestep exactly once
 
 
-def _sds_samples(target, x, plan, n, gen):
-    """n whole-step SDS estimates at the render x [1, d] under a draw plan (draws, antithetic, mode)."""
+def _sds_samples(target, x, plan, n, gen, views=1000):
+    """n SDS estimates at the render x [1, d] under a draw plan (draws, antithetic, mode): steps of
+    `views` copies of x, so stratification and the sequence run over each step's draws."""
     draws, antithetic, mode = plan
     out = []
-    for step in range(n):
-        t, eps = draw_plan((1, x.shape[1]), 20, 980, draws, antithetic, mode, gen, step, 0.37)
+    for step in range(n // views):
+        t, eps = draw_plan((views, x.shape[1]), 20, 980, draws, antithetic, mode, gen, step, 0.37)
         eps = eps.double()
         a, s = (v.view(-1, 1) for v in SD.alpha_sigma(t))
         g = sds(target.eps(diffuse(x, eps, a, s), a, s), eps, s.view(-1) ** 2)

@@ -115,6 +115,7 @@ def step_measure(name: str, state: dict, step: int, args) -> dict:
     for _ in range(args.draws):
         x, grad = draw_g(stage, update=False)
         samples.add(torch.cat([g.flatten() for g in induced_theta_grad(x, grad.detach(), params)]))
+    samples.close()
     return {"samples": samples, "stage": stage}
 
 
@@ -324,10 +325,9 @@ def main() -> int:
         "prompt": args.prompt, "preset": args.preset, "steps": args.steps, "checkpoints": marks, "draws": args.draws,
         "nested_design": args.nested, "adapt": args.adapt, "overrides": args.override, "seconds": None,
         "inner_fraction": float(np.mean([c["inner_fraction"] for c in sds_total])),
-        "variance_components_sds": {str(s): nd["components"]["sds"] for s, nd in zip(marks, nested)},
         "variance_components": {str(s): nd["components"] for s, nd in zip(marks, nested)},
         "inner_variance_vs_sds_by_t": bucket_ratios(nested, (lo, hi), 4, args.seed),
-        "variance_per_cost_vs_sds": {n: {k: v for k, v in c.items()} for n, c in cost.items()},
+        "variance_per_cost_vs_sds": cost,
         "best_config": best,
         "steps_to_sds_quality": {"config": best, "fraction": {p: v["fraction"] for p, v in conv["prompts"].items()},
                                  "at_most_0.7": conv["at_most_0.7"]},

@@ -47,20 +47,22 @@ class Cameras:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def _map(self, fn) -> "Cameras":
+        """A Cameras of fn applied to every field."""
+        return Cameras(*(fn(getattr(self, f)) for f in ("c2w", "fov", "elevation", "azimuth", "distance")))
+
     def to(self, device) -> "Cameras":
-        return Cameras(*(getattr(self, f).to(device) for f in ("c2w", "fov", "elevation", "azimuth", "distance")))
+        return self._map(lambda t: t.to(device))
 
     def __getitem__(self, idx) -> "Cameras":
-        pick = lambda t: t[idx] if t.dim() > 0 else t  # noqa: E731
-        out = Cameras(*(pick(getattr(self, f)) for f in ("c2w", "fov", "elevation", "azimuth", "distance")))
+        out = self._map(lambda t: t[idx] if t.dim() > 0 else t)
         if out.c2w.dim() == 2:  # single index: keep a batch of one
-            out = Cameras(*(t.unsqueeze(0) for t in (out.c2w, out.fov, out.elevation, out.azimuth, out.distance)))
+            out = out._map(lambda t: t.unsqueeze(0))
         return out
 
     def repeat(self, k: int) -> "Cameras":
         """The batch k times over, batch-major blocks (row j B + b is camera b)."""
-        return Cameras(*(getattr(self, f).repeat(k, *([1] * (getattr(self, f).dim() - 1)))
-                         for f in ("c2w", "fov", "elevation", "azimuth", "distance")))
+        return self._map(lambda t: t.repeat(k, *([1] * (t.dim() - 1))))
 
     @property
     def position(self) -> torch.Tensor:

@@ -108,30 +108,34 @@ def nested_components(m: NestedMoments) -> dict:
 
 
 class StepSamples:
-    """Independent per-step estimates of a flat gradient (at fixed theta), kept with their Gram
-    matrix, so the mean per-element variance of any resample is exact and cheap (bootstrap)."""
+    """Independent per-step estimates of a flat gradient (at fixed theta), kept as their Gram matrix,
+    so the mean per-element variance of any resample is exact and cheap (bootstrap). The samples
+    themselves are needed only while more are added: `close` lets them go."""
 
     def __init__(self):
-        self.samples: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] | None = []
         self.gram = torch.zeros(0, 0, dtype=torch.float64)
+        self.count, self.size = 0, 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().flatten().float()
-        dots = torch.stack([(s.double() * x.double()).sum() for s in self.samples] + [(x.double() ** 2).sum()])
-        n = len(self.samples)
+        if self.rows is None:
+            raise RuntimeError("StepSamples is closed: its samples were released")
+        x = x.detach().flatten().double()
+        dots = torch.stack([row @ x for row in self.rows] + [x @ x])
+        n = self.count
         g = torch.zeros(n + 1, n + 1, dtype=torch.float64)
         g[:n, :n] = self.gram
         g[n, :], g[:, n] = dots, dots
-        self.gram = g
-        self.samples.append(x)
+        self.gram, self.count, self.size = g, n + 1, x.numel()
+        self.rows.append(x)
 
-    @property
-    def size(self) -> int:
-        return self.samples[0].numel()
+    def close(self) -> None:
+        """Release the samples (the Gram matrix is all `variance` needs)."""
+        self.rows = None
 
     def variance(self, idx: torch.Tensor | None = None) -> float:
         """Mean per-element unbiased variance of the samples at `idx` (a multiset; all by default)."""
-        idx = torch.arange(len(self.samples)) if idx is None else idx
+        idx = torch.arange(self.count) if idx is None else idx
         m = len(idx)
         k = self.gram[idx][:, idx]
         return float((k.diagonal().sum() - k.sum() / m) / ((m - 1) * self.size))
@@ -144,8 +148,7 @@ def bootstrap_ratio(pairs: Sequence[tuple[StepSamples, StepSamples]], n_boot: in
     gen = torch.Generator().manual_seed(seed)
 
     def resampled(s: StepSamples) -> float:
-        m = len(s.samples)
-        return s.variance(torch.randint(m, (m,), generator=gen))
+        return s.variance(torch.randint(s.count, (s.count,), generator=gen))
 
     boots = torch.tensor([float(np.mean([resampled(a) / max(resampled(b), 1e-300) for a, b in pairs])) for _ in range(n_boot)],
                          dtype=torch.float64)

@@ -83,8 +83,8 @@ def _run_dir(args, cfg) -> Path:
 
 
 def cmd_generate(args) -> int:
-    from .config import config_from_saved, load_config
-    from .guidance.diffusion import resolve_model
+    from .config import check_machine, config_from_saved, load_config
+    from .guidance.locate import locate_all
     from .prompt import check_prompt
     from .runfolder import RunFolder
 
@@ -97,9 +97,10 @@ def cmd_generate(args) -> int:
         cfg.mesh.enabled = False
     # Everything a user can get wrong is checked before the heavy libraries load and before the run
     # folder is touched: a refused item fails in a second and leaves nothing behind.
-    location = resolve_model(cfg.guidance.model, "diffusion")
-    if cfg.guidance.engine == "ssd" and cfg.guidance.ssd.baseline != "constant":
-        resolve_model(cfg.guidance.ssd.depth_model, "depth")
+    check_machine(cfg)
+    check_prompt(args.prompt)  # its form first; the model's vocabulary once the model is found
+    # Models are found offline first; one that cannot be had is one line within seconds (locate.py).
+    location = locate_all(cfg.guidance)["diffusion"]
     prompt = check_prompt(args.prompt, location if Path(location).is_dir() else None)
     run.prepare(args.resume, args.overwrite)
     run.write_start(cfg, prompt)

@@ -134,6 +134,31 @@ class Config:
         require(self.guidance.t_min < self.mesh.t_max <= 1.0, "mesh.t_max", "in (guidance.t_min, 1]")
 
 
+def check_machine(cfg: Config) -> None:
+    """What this machine cannot serve, refused as one line (UserError) before any model loads or any
+    folder is made: a CUDA device without CUDA, an accelerated backend named that does not run here
+    ("auto" always runs: it falls back to PyTorch)."""
+    import torch
+
+    from .backends import hashgrid_backend, volume_backend
+    from .field import hashgrid_cpu
+
+    device = cfg.train.device
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    require(device == "cpu" or cuda, "train.device", "auto or cpu on this machine (CUDA is not available)")
+    picks = {"render.backend": (cfg.render.backend, lambda r: volume_backend(device, r)),
+             "field.grid.backend": (cfg.field.grid.backend, lambda r: hashgrid_backend(device, r, cpu_kernel=hashgrid_cpu.library))}
+    for key, (requested, pick) in picks.items():
+        if requested in ("auto", "torch"):
+            continue
+        try:
+            pick(requested)
+        except RuntimeError as err:
+            raise UserError(f"invalid config: {key}={requested}: {err}; use {key}=auto") from None
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 

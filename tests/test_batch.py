@@ -293,7 +293,7 @@ def test_a_second_driver_on_the_same_folder_is_refused(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cube\n")
     with batch.BatchLock(tmp_path / "b"):
-        assert run_batch(prompts, "--out", tmp_path / "b") == 2
+        assert run_batch(prompts, "--out", tmp_path / "b", "--preset", "toy") == 2
     assert "in use by another batch" in capsys.readouterr().err
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from steindreamer.errors import UserError
-from steindreamer.guidance.diffusion import DiffusionGuidance, resolve_model
+from steindreamer.guidance.diffusion import DiffusionGuidance
+from steindreamer.guidance.locate import resolve_model
 from steindreamer.guidance.engines import cfg_combine, injected_loss, sanitize, sds
 
 
@@ -67,6 +68,37 @@ def test_text_embeddings_are_cached_on_disk(tiny_latent_model, tmp_path):
     again = DiffusionGuidance(str(tiny_latent_model), torch.device("cpu"), cache_dir=str(tmp_path))
     again.text_encoder = None  # a cache hit must not need the encoder
     assert torch.equal(again.text_embeddings(["a blue sphere"]), e1)
+
+
+def _damage(path, how):
+    from safetensors.torch import load_file, save_file
+
+    emb = load_file(str(path))["emb"]
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif how == "garbage":
+        path.write_bytes(b"\x00not a safetensors file")
+    elif how == "nan":
+        save_file({"emb": emb.clone().fill_(float("nan"))}, str(path), metadata={"prompt": "a blue sphere"})
+    elif how == "other_prompt":  # a whole, valid entry, but of another prompt (e.g. copied over it)
+        save_file({"emb": emb + 1}, str(path), metadata={"prompt": "a red cube"})
+    elif how == "wrong_shape":
+        save_file({"emb": emb[:3]}, str(path), metadata={"prompt": "a blue sphere"})
+    elif how == "no_metadata":  # what an older version wrote: not trusted, rewritten once
+        save_file({"emb": emb + 1}, str(path))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "nan", "other_prompt", "wrong_shape", "no_metadata"])
+def test_damaged_text_embedding_cache_entry_is_recomputed(how, tiny_latent_model, tmp_path):
+    guide = DiffusionGuidance(str(tiny_latent_model), torch.device("cpu"), cache_dir=str(tmp_path))
+    fresh = guide.text_embeddings(["a blue sphere"])
+    [path] = (tmp_path / "text_emb").glob("*.safetensors")
+    _damage(path, how)
+    again = DiffusionGuidance(str(tiny_latent_model), torch.device("cpu"), cache_dir=str(tmp_path))
+    assert torch.equal(again.text_embeddings(["a blue sphere"]), fresh)
+    third = DiffusionGuidance(str(tiny_latent_model), torch.device("cpu"), cache_dir=str(tmp_path))
+    third.text_encoder = None  # the entry was rewritten whole: a hit again
+    assert torch.equal(third.text_embeddings(["a blue sphere"]), fresh)
 
 
 def test_missing_model_folder_is_a_user_error(tmp_path):

@@ -8,7 +8,7 @@ from ..errors import UserError
 from ..fsio import slugify
 from .executors import _make_executor
 from .ledger import LEDGER, BatchLock, Ledger
-from .prompts import DEFAULT_PRESET, read_prompts
+from .prompts import DEFAULT_PRESET, check_runnable, read_prompts
 from .runner import Runner
 
 
@@ -43,6 +43,11 @@ def main(args) -> int:
     items = read_prompts(prompts_path, args.preset, config_file, overrides)
     batch_dir = Path(args.out) if args.out else Path("outputs") / f"batch-{slugify(prompts_path.stem)}"
     executor = _make_executor(args.executor, args.ray_address)  # before any folder is made: a missing ray is exit 2
+    try:
+        check_runnable(args.preset, config_file, overrides)
+    except BaseException:
+        executor.close()
+        raise
 
     try:
         with BatchLock(batch_dir) as lock, Ledger(batch_dir / LEDGER) as ledger:

@@ -113,3 +113,15 @@ def read_prompts(path: Path, preset: str | None, config_file: str | None, overri
         seen[item.key] = n
         items.append(item)
     return items
+
+
+def check_runnable(preset: str | None, config_file: str | None, overrides: list[str]) -> None:
+    """The batch-wide config on this machine: its backends and its models (found offline first, or
+    one line in seconds; locate.py), before any item starts. An item's own model override is that
+    item's to fail."""
+    from ..config import check_machine, load_config
+    from ..guidance.locate import locate_all
+
+    base = load_config(None if config_file else preset or DEFAULT_PRESET, config_file, overrides)
+    check_machine(base)
+    locate_all(base.guidance)

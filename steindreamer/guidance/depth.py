@@ -6,16 +6,16 @@ import torch
 
 from ..errors import UserError
 from .baselines import transformers_depth_estimator
-from .diffusion import resolve_model
+from .locate import locate_model
 
 # Metric-depth families: their output is inverted to disparity before correlating with the NeRF's.
 _METRIC = {"zoedepth", "depth_pro", "glpn"}
 
 
-def load_depth_estimator(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+def load_depth_estimator(name: str, device: torch.device, dtype: torch.dtype = torch.float32, cache_dir: str = ""):
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    location = resolve_model(name, "depth")
+    location = locate_model(name, "depth", cache_dir)
     try:
         # trust_remote_code stays off: nothing from a downloaded folder is executed.
         model = AutoModelForDepthEstimation.from_pretrained(location, dtype=dtype).to(device)

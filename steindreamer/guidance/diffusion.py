@@ -2,14 +2,13 @@
 tokenizer, scheduler, optional vae) from a local folder, a hub id or the built-in model, and exposes
 what distillation needs: cached text embeddings, image <-> model space, noising and one CFG call.
 
-A folder without `vae/` is a pixel-space model: the UNet sees the image itself in [-1, 1].
+Where the files are is `locate.py`'s to find (offline first). A folder without `vae/` is a
+pixel-space model: the UNet sees the image itself in [-1, 1].
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from pathlib import Path
 
 import torch
@@ -18,32 +17,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..fsio import atomic_save
 from .engines import cfg_combine
+from .locate import locate_model, project_cache
 from .schedule import NoiseSchedule
-
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model(name: str, kind: str = "diffusion") -> str:
-    """A loadable location for `name`: the built-in model, an existing folder, or a hub id."""
-    name = name.strip()
-    if name == "builtin":
-        path = BUILTIN_DIR / kind
-        if not (path / "config.json").exists() and not (path / "model_index.json").exists():
-            raise UserError(f"the built-in {kind} model is not installed at {path}; train it with scripts/train_builtin.py")
-        return str(path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    if path.exists():
-        raise UserError(f"model path is not a folder: {name}")
-    if not _HUB_ID.match(name):  # anything that is not "org/name" was meant as a folder
-        raise UserError(f"model folder not found: {name}")
-    return name  # hub id "org/name"; from_pretrained reports if it cannot be fetched
-
-
-def _cache_dir(configured: str) -> Path:
-    return Path(configured or os.environ.get("STEINDREAMER_CACHE") or Path.home() / ".cache" / "steindreamer")
 
 
 def quiet_hf_logging() -> None:
@@ -72,7 +47,7 @@ class DiffusionGuidance:
 
         quiet_hf_logging()
 
-        self.location = resolve_model(model, "diffusion")
+        self.location = locate_model(model, "diffusion", cache_dir)
         self.is_builtin = model.strip() == "builtin"
         self.device = device
         self.dtype = torch.float16 if (device.type == "cuda" and half_precision) else torch.float32
@@ -122,7 +97,7 @@ class DiffusionGuidance:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.sample_size = int(self.unet.config.sample_size)
         self.image_size = self.sample_size * self.vae_scale  # the resolution the model works at
-        self.cache_dir = _cache_dir(cache_dir) / "text_emb"
+        self.cache_dir = project_cache(cache_dir) / "text_emb"
         self._emb: dict[str, torch.Tensor] = {}
         self.camera_kind = self._camera_kind()
         self.camera_critic = self._camera_critic()
@@ -188,21 +163,40 @@ class DiffusionGuidance:
         return torch.stack([self._emb[p] for p in prompts]).to(self.device, self.dtype)
 
     def _load_or_encode(self, prompt: str) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
         path = self.cache_dir / f"{self._cache_key(prompt)}.safetensors"
-        if path.exists():
-            try:
-                return load_file(str(path))["emb"]
-            except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
-                pass
+        cached = self._load_cached(path, prompt)
+        if cached is not None:
+            return cached
         tokens = self.tokenizer([prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
         with torch.no_grad():
             emb = self.text_encoder(tokens.input_ids.to(self.device))[0][0].float().cpu().contiguous()
         try:
-            atomic_save(path, lambda tmp: save_file({"emb": emb}, str(tmp)))
+            atomic_save(path, lambda tmp: save_file({"emb": emb}, str(tmp), metadata={"prompt": prompt}))
         except OSError:
             pass  # the cache is an optimisation; an unwritable cache folder is not an error
+        return emb
+
+    def _load_cached(self, path: Path, prompt: str) -> torch.Tensor | None:
+        """The cached embedding of `prompt`, or None where the entry is missing or cannot be trusted:
+        unreadable, written for another prompt (its metadata), the wrong shape or type, or not finite.
+        A damaged entry is recomputed and overwritten, never used."""
+        from safetensors import safe_open
+
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as entry:
+                if (entry.metadata() or {}).get("prompt") != prompt:
+                    return None
+                emb = entry.get_tensor("emb")
+        except Exception:  # noqa: BLE001 - truncated, garbage, missing key: recompute
+            return None
+        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        shape_ok = emb.dim() == 2 and emb.shape[0] == self.tokenizer.model_max_length and width in (None, emb.shape[1])
+        if emb.dtype != torch.float32 or not shape_ok or not bool(torch.isfinite(emb).all()):
+            return None
         return emb
 
     # --- images -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class Distiller:
             if cfg.ssd.baseline != "constant":
                 from .depth import load_depth_estimator
 
-                self.estimate = load_depth_estimator(cfg.ssd.depth_model, guidance.device, guidance.dtype)
+                self.estimate = load_depth_estimator(cfg.ssd.depth_model, guidance.device, guidance.dtype, cfg.cache_dir)
         elif cfg.engine == "vsd":
             from .lora import VSDLora
 

@@ -62,9 +62,13 @@ CONFIGS = {
     "sds_draws4_antithetic_stratified": ("sds", ["guidance.noise.draws=4", "guidance.noise.antithetic=true"] + STRAT),
     "ssd_antithetic_stratified": ("ssd", PAIR + STRAT),
     "vsd_antithetic_stratified": ("vsd", PAIR + STRAT),
+    "vsd_kl": ("vsd", ["guidance.vsd.divergence=kl"]),  # f-distill's forward KL
+    "vsd_js": ("vsd", ["guidance.vsd.divergence=js"]),  # ... and Jensen-Shannon
 }
 # trained on the main prompt for the quality plot; ssd_paper is the project page's literal (biased) term
-QUALITY_RUNS = {"sds": ("sds", []), "ssd": ("ssd", []), "vsd": ("vsd", []), "ssd_paper": ("ssd", ["guidance.ssd.stein_form=paper"])}
+QUALITY_RUNS = {"sds": ("sds", []), "ssd": ("ssd", []), "vsd": ("vsd", []), "ssd_paper": ("ssd", ["guidance.ssd.stein_form=paper"]),
+                "vsd_kl": CONFIGS["vsd_kl"], "vsd_js": CONFIGS["vsd_js"]}
+DEFAULT_QUALITY_RUNS = ("sds", "ssd", "vsd", "ssd_paper")
 CONVERGENCE_PROMPTS = ("a red cube", "a orange pyramid", "a blue cone")
 UNBIASED_ENGINES = ("sds", "ssd", "vsd")
 
@@ -279,6 +283,7 @@ def main() -> int:
     parser.add_argument("--timing-steps", type=int, default=30)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--convergence-prompts", default=",".join(CONVERGENCE_PROMPTS))
+    parser.add_argument("--quality-runs", default=",".join(DEFAULT_QUALITY_RUNS), help=f"of {', '.join(QUALITY_RUNS)}")
     parser.add_argument("--quick", action="store_true", help="CI-sized: 20 steps, 1 checkpoint, few draws")
     parser.add_argument("override", nargs="*", help="config overrides for every run, key=value")
     parser.add_argument("--out")
@@ -292,6 +297,9 @@ def main() -> int:
     unknown = set(names) - set(CONFIGS)
     if unknown or "sds" not in names:
         parser.error(f"--configs: unknown {sorted(unknown)} or sds missing; known: {', '.join(CONFIGS)}")
+    quality_runs = [n for n in args.quality_runs.split(",") if n]
+    if set(quality_runs) - set(QUALITY_RUNS) or "sds" not in quality_runs:
+        parser.error(f"--quality-runs: known {', '.join(QUALITY_RUNS)}, sds among them")
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
 
@@ -316,7 +324,7 @@ def main() -> int:
     print(f"timing done ({time.perf_counter() - t0:.0f} s)", flush=True)
     cost = per_cost(measures, timing, args)
     best = min((n for n in cost if n != "sds"), key=lambda n: cost[n]["ratio"]) if len(cost) > 1 else "sds"
-    runs = {n: train_series(e, x, args.prompt, args) for n, (e, x) in QUALITY_RUNS.items()}
+    runs = {n: train_series(*QUALITY_RUNS[n], args.prompt, args) for n in quality_runs}
     print(f"quality runs done ({time.perf_counter() - t0:.0f} s)", flush=True)
     conv = convergence(best, args, runs)
     sds_total = [nd["components"]["sds"] for nd in nested]
@@ -341,8 +349,9 @@ def main() -> int:
         if a in cost and b in cost:
             result[f"variance_ratio_{a}_{b}"] = cost[a]["variance_ratio"] / cost[b]["variance_ratio"]
             result[f"step_time_ratio_{a}_{b}"] = cost[a]["seconds_per_step"] / cost[b]["seconds_per_step"]
-    reach = steps_to_reach(runs["ssd"]["series"], final_quality(runs["sds"]["series"]))
-    result["steps_ratio_ssd_to_sds_quality"] = None if reach is None else reach / args.steps
+    if "ssd" in runs:
+        reach = steps_to_reach(runs["ssd"]["series"], final_quality(runs["sds"]["series"]))
+        result["steps_ratio_ssd_to_sds_quality"] = None if reach is None else reach / args.steps
     result["seconds"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)
     print(text)

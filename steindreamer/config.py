@@ -30,6 +30,7 @@ SHORT_KEYS = {
     "model": "guidance.model",
     "depth_model": "guidance.ssd.depth_model",
     "engine": "guidance.engine",
+    "divergence": "guidance.vsd.divergence",
     "seed": "train.seed",
     "steps": "train.steps",
     "resolution": "render.resolution",
@@ -57,6 +58,10 @@ class TrainConfig:
     variance_draws: int = 4  # extra draws (t, noise) of G per measurement
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch, 0 = torch's default
+    # torch's deterministic algorithms (process-wide, set when a run is built): with more than one
+    # thread, some reductions (scatter_add, index_add) sum in an order that depends on thread timing,
+    # so two runs of one seed differed on a loaded machine (and a resumed run from an uninterrupted one)
+    deterministic: bool = True
 
     def check(self, key: str = "train") -> None:
         require(self.steps >= 0, f"{key}.steps", "a non-negative integer")

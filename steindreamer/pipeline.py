@@ -17,12 +17,12 @@ from .runfolder import RunFolder
 from .stages import Context, MeshStage, NeRFStage, run_stage
 
 
-def build_stages(prompt: str, cfg: Config, resume_from: RunFolder | None = None):
+def build_stages(prompt: str, cfg: Config, resume_from: RunFolder | None = None, show_progress: bool = True):
     """The context and the NeRF stage, restored from `resume_from`'s newest NeRF checkpoint if given
     (and it has one)."""
     device = pick_device(cfg.train.device)
     guidance = DiffusionGuidance(cfg.guidance.model, device, cfg.guidance.half_precision, cfg.guidance.cache_dir)
-    ctx = Context(prompt, cfg, guidance)
+    ctx = Context(prompt, cfg, guidance, show_progress)
     nerf = NeRFStage(ctx)
     state = resume_from.resume_state("nerf", cfg, prompt, device) if resume_from is not None else None
     if state is not None:
@@ -46,7 +46,7 @@ def generate(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show
     "stopped" (a callback ended training; nothing was exported)."""
     run = RunFolder(run_dir)
     start = time.perf_counter()
-    ctx, nerf = build_stages(prompt, cfg, run if resume else None)
+    ctx, nerf = build_stages(prompt, cfg, run if resume else None, show_progress)
     trained = run_stage(nerf, run, callbacks=callbacks, show_progress=show_progress)
     timings = {"nerf": time.perf_counter() - start}
     last = trained["last"]

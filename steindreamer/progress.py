@@ -23,11 +23,11 @@ class StepProgress:
             self._task = self._progress.add_task(self.label, total=self.total, completed=self.start, loss="-", speed="-")
         return self
 
-    def update(self, step: int, loss: float) -> None:
+    def update(self, step: int, loss: float | None = None) -> None:
         if self._progress is None:
             return
         rate = (step - self.start) / max(time.perf_counter() - self._t0, 1e-9)
-        self._progress.update(self._task, completed=step, loss=f"{loss:.4g}", speed=f"{rate:.2f}")
+        self._progress.update(self._task, completed=step, loss="-" if loss is None else f"{loss:.4g}", speed=f"{rate:.2f}")
 
     def log(self, message: str) -> None:
         """A line for the person watching (above the bar, or plain stderr without one)."""

@@ -204,3 +204,63 @@ def test_bench_start_from_truth_begins_right_and_from_the_blob_round():
     assert truth["trace"][0]["shape"] == "cube" and truth["trace"][0]["volumetric_iou"] > 0.75
     assert blob["trace"][0]["shape"] == "sphere"
     assert [r["step"] for r in truth["trace"]] == [0, 1]
+
+
+def test_torture_five_kills_end_equal_to_an_uninterrupted_run(tiny_pixel_model, tmp_path):
+    """scripts/torture.py at test size: 5 SIGKILLs in drawn phases (a checkpoint write among them,
+    cut mid-file), each followed by --resume; every checkpoint left loads, and the finished run's
+    tensors, metrics and GLB equal the uninterrupted run's."""
+    out = tmp_path / "torture.json"
+    sets = [f"model={tiny_pixel_model}", "steps=12", "train.ckpt_every=3", "train.val_every=6", "mesh.steps=6",
+            "mesh.ckpt_every=2", "export.turntable_frames=4", "train.threads=1"]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "torture.py"), "--kills", "5", "--seed", "1",
+                           *(a for s in sets for a in ("--set", s)), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["kills"] == 5 and report["resumes_failed"] == 0 and report["unreadable_checkpoints"] == 0
+    assert report["resumes_finished"] == report["resumes"] >= 5
+    assert report["kills_by_phase"]["checkpoint"] >= 1  # seed 1 draws a cut checkpoint write
+    assert report["rounds_matching"] == report["rounds"] >= 1
+    assert report["max_tensor_difference"] <= 1e-6
+    assert all(r["strays"] == [] and r["glb_vertex_difference"] <= 1e-4 for r in report["per_round"])
+
+
+def test_torture_comparison_catches_a_different_run(tiny_pixel_model, tmp_path):
+    """The torture script's end check fails a run that is not the uninterrupted one (another seed)."""
+    from steindreamer.cli import main
+
+    torture = _load("torture")
+
+    base = ["--preset", "toy", f"model={tiny_pixel_model}", "steps=4", "train.ckpt_every=2", "mesh.steps=2",
+            "export.turntable=false", "--quiet"]
+    assert main(["generate", "a red cube", "--out", str(tmp_path / "a"), *base]) == 0
+    assert main(["generate", "a red cube", "--out", str(tmp_path / "b"), *base, "seed=1"]) == 0
+    same = torture.compare(tmp_path / "a", tmp_path / "a")
+    assert same["max_tensor_difference"] == 0.0 and same["metrics_steps_match"] and same["glb_vertex_difference"] == 0.0
+    other = torture.compare(tmp_path / "b", tmp_path / "a")
+    assert other["max_tensor_difference"] > 1e-3
+
+
+def _bench_memory(tiny_pixel_model, out, modes, *extra):
+    # Checkpoints every 40 steps; one validation grid and plot, at the end: matplotlib's caches take
+    # ~15 plots to fill (~3 MiB each, then flat; measured), which the 3000-step benchmark covers.
+    sets = [f"model={tiny_pixel_model}", "resolution=16", "render.samples=16", "train.ckpt_every=40", "train.val_every=1000",
+            "train.threads=1"]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--steps", "240", "--every", "10",
+                           "--modes", modes, *(a for s in sets for a in ("--set", s)), *extra, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_memory_rss_stays_flat_with_the_viewer_off_and_on(tiny_pixel_model, tmp_path):
+    """scripts/bench_memory.py at test size: resident memory after the warm-up stays within 10 % with
+    the viewer off and on (checkpoints included); the same meter sees 8 MiB a
+    step that is kept."""
+    report = _bench_memory(tiny_pixel_model, tmp_path / "memory.json", "off,on")
+    assert set(report["modes"]) == {"off", "on"} and report["flat"], {m: r["growth"] for m, r in report["modes"].items()}
+    assert all(r["steps"] == 240 and len(r["samples"]) >= 24 for r in report["modes"].values())
+    # The meter itself (in this process, to save a start-up): 8 MiB kept per step must be seen.
+    sets = [f"model={tiny_pixel_model}", "resolution=16", "render.samples=16", "train.threads=1"]
+    leaking = _load("bench_memory").child(60, 10, False, sets, leak_kib=8192)
+    assert not leaking["flat"] and leaking["growth"] > 1.2, leaking["growth"]

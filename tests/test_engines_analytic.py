@@ -273,10 +273,14 @@ def test_vsd_variance_decomposition(t):
 
 # 7. f-divergence weights match a numerically differentiated D_f (1-D Gaussians) -----------------------
 def _f(kind, r):
-    if kind == "reverse_kl":
+    if kind == "rkl":
         return -np.log(r)
-    if kind == "forward_kl":
+    if kind == "kl":
         return r * np.log(r)
+    if kind == "hellinger":
+        return (np.sqrt(r) - 1) ** 2
+    if kind == "jeffreys":
+        return (r - 1) * np.log(r)
     return r * np.log(r) - (1 + r) * np.log((1 + r) / 2)  # Jensen-Shannon (x2)
 
 
@@ -296,7 +300,7 @@ def _divergence(kind, theta, a, s):
     return float((wts * _f(kind, r)).sum() / np.sqrt(2 * np.pi))
 
 
-@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js"])
+@pytest.mark.parametrize("kind", ["rkl", "kl", "js", "hellinger", "jeffreys"])
 def test_f_divergence_gradient_matches_numerical(kind):
     a, s = (float(v) for v in SD.alpha_sigma(T7))
     theta = np.array([-0.3, 0.9])  # q_0 = N(theta_0, theta_1^2), x_0 = theta_0 + theta_1 z
@@ -320,7 +324,7 @@ def test_f_divergence_gradient_matches_numerical(kind):
 
 def test_f_divergence_weight_normalisation():
     r = torch.tensor([0.5, 1.0, 2.0, 4.0])
-    for kind in ("reverse_kl", "forward_kl", "js"):
+    for kind in ("rkl", "kl", "js", "hellinger", "jeffreys"):
         h = f_divergence_weight(kind, r)
         assert torch.allclose(h.mean(), torch.tensor(1.0))
         raw = f_divergence_weight(kind, r, normalize=False)

@@ -1,13 +1,8 @@
-"""Kill and resume, damaged checkpoints, hostile prompts and config values."""
-import os
+"""Damaged checkpoints, hostile prompts and config values (kills and resumes: test_faults.py and the
+torture test in test_bench_scripts.py)."""
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from steindreamer.cli import main
@@ -20,36 +15,6 @@ from test_cli import FAST
 
 def _gen(model, out, *extra):
     return ["generate", "a red cube", "--out", str(out), f"model={model}", *FAST, "train.variance_every=0", *extra]
-
-
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pixel_model, tmp_path):
-    steps = ["steps=10", "train.ckpt_every=2", "train.val_every=100"]
-    ref = tmp_path / "ref"
-    assert main(_gen(tiny_pixel_model, ref, *steps)) == 0
-
-    out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "steindreamer", *_gen(tiny_pixel_model, out, *steps)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "step_0000004.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended or stalled before the kill point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ckpts = sorted((out / "checkpoints").glob("step_*.pt"))
-    assert ckpts and all(torch.load(p, weights_only=True)["step"] > 0 for p in ckpts)  # every file complete
-    killed_at = torch.load(ckpts[-1], weights_only=True)["step"]
-    assert killed_at < 10
-
-    assert main(["generate", "a red cube", "--out", str(out), "--resume", "--quiet"]) == 0
-    assert not list((out / "checkpoints").glob(".*.tmp"))
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [int(re.search(r'"step": (\d+)', line).group(1)) for line in lines] == list(range(1, 11))
-    a = torch.load(ref / "checkpoints" / "step_0000010.pt", weights_only=True)["field"]
-    b = torch.load(out / "checkpoints" / "step_0000010.pt", weights_only=True)["field"]
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
 def test_damaged_checkpoint_and_foreign_config_are_refused(tiny_latent_model, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Offline-first model loading (guidance/locate.py) and what the machine cannot serve, refused at
-config time. The hub is pointed at addresses on loopback: a closed port (refused at once), a socket
-that accepts and never answers (a black hole: the probe's timeout), and tiny HTTP servers that
-answer 404 or 200. Each failing command must end in one line, exit 2, in under 15 s, having made
-nothing."""
+config time. The hub is pointed at addresses on loopback: a socket that accepts and never answers (a
+black hole: the probe's timeout; README's command as a user runs it, in a subprocess), a closed port
+(refused at once; the other commands, in-process), and tiny HTTP servers that answer 404 or 200.
+Each failing command must end in one line, exit 2, in under 15 s, having made nothing."""
 import http.server
 import os
 import shutil
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from steindreamer.cli import main
 from steindreamer.errors import UserError
 from steindreamer.guidance import locate
 
@@ -78,41 +79,63 @@ def _assert_refused(proc, seconds, *words):
     assert seconds < LIMIT_S, seconds
 
 
-@pytest.mark.parametrize("where", ["black_hole", "closed_port"])
-def test_default_command_without_network_is_one_line_in_seconds(where, request, tmp_path):
-    """README's main command for real models (default preset: SD 2.1 and the SSD depth model) on a
-    machine with nothing cached and no network."""
-    env = _offline_env(tmp_path, request.getfixturevalue(where))
+def test_default_command_without_network_is_one_line_in_seconds(black_hole, tmp_path):
+    """README's main command for real models (default preset: SD 2.1 and the SSD depth model), as a
+    user runs it, on a machine with nothing cached and a hub that never answers."""
+    env = _offline_env(tmp_path, black_hole)
     proc, seconds = _cli(tmp_path, env, "generate", "a red cube")
-    _assert_refused(proc, seconds, "diffusion model 'stabilityai/stable-diffusion-2-1-base'",
-                    "did not answer in 5 s" if where == "black_hole" else "unreachable", "model=builtin")
+    _assert_refused(proc, seconds, "diffusion model 'stabilityai/stable-diffusion-2-1-base'", "did not answer in 5 s",
+                    "model=builtin", "hf download stabilityai/stable-diffusion-2-1-base")
     assert not (tmp_path / "outputs").exists()
 
 
-def test_missing_depth_model_is_named_before_the_diffusion_model_loads(tiny_pixel_model, black_hole, tmp_path):
+@pytest.fixture
+def no_network(closed_port, tmp_path, monkeypatch):
+    """This process's hub: nothing cached, every connection refused, HF_HUB_OFFLINE not set."""
+    for key, value in _offline_env(tmp_path, closed_port).items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # read now: the hub library read conftest's "1" at its import
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return tmp_path
+
+
+def _refused_in_process(capsys, argv, *words):
+    start = time.perf_counter()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for word in words:
+        assert word in err, err
+    assert time.perf_counter() - start < LIMIT_S
+
+
+def test_missing_depth_model_is_named_before_the_diffusion_model_loads(tiny_pixel_model, no_network, capsys, monkeypatch):
     """A local diffusion model and a depth model that cannot be had: refused before the (large)
-    diffusion model loads, i.e. in seconds, naming the depth model."""
-    env = _offline_env(tmp_path, black_hole)
-    proc, seconds = _cli(tmp_path, env, "generate", "a red cube", f"model={tiny_pixel_model}")
-    _assert_refused(proc, seconds, "depth model 'Intel/dpt-hybrid-midas'", "depth_model=/path/to/folder")
-    proc, seconds = _cli(tmp_path, env, "generate", "a red cube", "--preset", "toy", "engine=ssd", "depth_model=org/no-depth")
-    _assert_refused(proc, seconds, "depth model 'org/no-depth'", "hf download org/no-depth")
+    diffusion model loads, naming the depth model."""
+    import steindreamer.pipeline
+
+    monkeypatch.setattr(steindreamer.pipeline, "DiffusionGuidance", None)  # a load would fail loudly
+    out = no_network / "r"
+    _refused_in_process(capsys, ["generate", "a red cube", "--out", str(out), f"model={tiny_pixel_model}"],
+                        "depth model 'Intel/dpt-hybrid-midas'", "is unreachable", "depth_model=/path/to/folder")
+    _refused_in_process(capsys, ["generate", "a red cube", "--out", str(out), "--preset", "toy", "engine=ssd", "depth_model=org/no-depth"],
+                        "depth model 'org/no-depth'", "hf download org/no-depth")
+    assert not out.exists()
 
 
-def test_batch_with_an_unreachable_model_is_one_line(black_hole, tmp_path):
-    prompts = tmp_path / "prompts.txt"
+def test_batch_with_an_unreachable_model_is_one_line(no_network, capsys):
+    prompts = no_network / "prompts.txt"
     prompts.write_text("a red cube\na blue sphere\n")
-    env = _offline_env(tmp_path, black_hole)
-    proc, seconds = _cli(tmp_path, env, "batch", str(prompts), "--preset", "toy", "model=org/no-model", "--out", str(tmp_path / "b"))
-    _assert_refused(proc, seconds, "diffusion model 'org/no-model'")
-    assert not (tmp_path / "b").exists()
+    _refused_in_process(capsys, ["batch", str(prompts), "--preset", "toy", "model=org/no-model", "--out", str(no_network / "b")],
+                        "diffusion model 'org/no-model'")
+    assert not (no_network / "b").exists()
 
 
-def test_hf_hub_offline_is_not_asked(black_hole, tmp_path):
-    env = _offline_env(tmp_path, black_hole, HF_HUB_OFFLINE="1")
-    proc, seconds = _cli(tmp_path, env, "generate", "a red cube", "--preset", "toy", "model=org/no-model")
-    _assert_refused(proc, seconds, "was not asked (HF_HUB_OFFLINE is set)")
-    assert seconds < LIMIT_S / 2
+def test_hf_hub_offline_is_not_asked(no_network, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _refused_in_process(capsys, ["generate", "a red cube", "--preset", "toy", "model=org/no-model", "--out", str(no_network / "r")],
+                        "was not asked (HF_HUB_OFFLINE is set)")
 
 
 def _hub_cache_copy(hub: Path, repo_id: str, folder: Path) -> Path:
@@ -125,15 +148,13 @@ def _hub_cache_copy(hub: Path, repo_id: str, folder: Path) -> Path:
     return repo / "snapshots" / commit
 
 
-def test_cached_hub_model_runs_with_no_network(tiny_pixel_model, closed_port, tmp_path):
+def test_cached_hub_model_runs_with_no_network(tiny_pixel_model, no_network):
     """A hub id already in the hub's cache is loaded from there: the run finishes though the hub
     refuses every connection."""
-    _hub_cache_copy(tmp_path / "hf" / "hub", "org/tiny", Path(tiny_pixel_model))
-    env = _offline_env(tmp_path, closed_port)
-    proc, _ = _cli(tmp_path, env, "generate", "a red cube", "--out", str(tmp_path / "run"), "--preset", "toy",
-                   "model=org/tiny", "steps=2", *FAST)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "run" / "model.glb").is_file()
+    _hub_cache_copy(no_network / "hf" / "hub", "org/tiny", Path(tiny_pixel_model))
+    out = no_network / "run"
+    assert main(["generate", "a red cube", "--out", str(out), "--preset", "toy", "model=org/tiny", "steps=2", *FAST]) == 0
+    assert (out / "model.glb").is_file()
 
 
 def test_locate_order_project_cache_hub_cache_then_probe(tiny_pixel_model, tmp_path, monkeypatch):
@@ -164,13 +185,12 @@ def test_locate_order_project_cache_hub_cache_then_probe(tiny_pixel_model, tmp_p
     ("field.grid.backend=triton", "field.grid.backend=triton"),
     ("train.device=cuda", "train.device"),
 ])
-def test_backend_this_machine_cannot_serve_is_refused_at_config_time(override, key, tmp_path):
+def test_backend_this_machine_cannot_serve_is_refused_at_config_time(override, key, tmp_path, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CPU-only machine's refusals")
-    proc, seconds = _cli(tmp_path, dict(os.environ), "generate", "a red cube", "--preset", "toy", override, "--out", str(tmp_path / "r"))
-    _assert_refused(proc, seconds, key)
+    _refused_in_process(capsys, ["generate", "a red cube", "--preset", "toy", override, "--out", str(tmp_path / "r")], key)
     assert not (tmp_path / "r").exists()
 
 

@@ -17,6 +17,9 @@ Baseline = Literal["depth", "normal", "constant"]
 # stein: h = sigma grad phi - eps phi (zero mean) | paper: the project page's literal eps phi + grad phi,
 # NOT zero mean: a labelled, biased ablation (does a depth-consistency push explain the paper's gains?)
 SteinForm = Literal["stein", "paper"]
+# f-distill's divergences for VSD (guidance/ratio.py): rkl is VSD itself; the others weight each
+# sample by h(r), r = p_t/q_t from a discriminator (engines.f_divergence_weight)
+Divergence = Literal["rkl", "kl", "js", "hellinger", "jeffreys"]
 
 
 @dataclass
@@ -49,10 +52,26 @@ class VSDConfig:
     lora_rank: int = 4  # rank of the LoRA's low-rank updates
     lora_lr: float = 1e-4  # learning rate of the LoRA (and its camera embedding)
     pose_drop_p: float = 0.1  # probability of dropping the camera condition in a LoRA step
+    divergence: Divergence = "rkl"  # rkl: VSD; kl, js, hellinger, jeffreys: f-distill's h(r) weights
+    # The density ratio's discriminator (not used by rkl): learning rate, and steps it trains before
+    # its ratio weights the gradient (h = 1 until then).
+    ratio_lr: float = 1e-3
+    ratio_warmup: int = 20
+    # h(r) over its running mean (a batch of 1 or 2 has no mean to speak of), clipped to this range so
+    # that one sample cannot dominate a step
+    h_clip: list[float] = dc_field(default_factory=lambda: [0.2, 5.0])
+    # Teacher samples per view prompt (DDIM, pool_steps steps, CFG at guidance_scale), drawn once per run
+    # and cached beside the text embeddings
+    pool_per_view: int = 32
+    pool_steps: int = 25
 
     def check(self, key: str = "guidance.vsd") -> None:
         require(self.lora_rank >= 1, f"{key}.lora_rank", ">= 1")
         require(0.0 <= self.pose_drop_p <= 1.0, f"{key}.pose_drop_p", "in [0, 1]")
+        require_choice(self.divergence, get_args(Divergence), f"{key}.divergence")
+        require(self.ratio_lr > 0 and self.ratio_warmup >= 0, f"{key}.ratio_lr/ratio_warmup", "> 0 and >= 0")
+        require(len(self.h_clip) == 2 and 0 < self.h_clip[0] <= 1 <= self.h_clip[1], f"{key}.h_clip", "[lo, hi] with 0 < lo <= 1 <= hi")
+        require(self.pool_per_view >= 1 and self.pool_steps >= 1, f"{key}.pool_per_view/pool_steps", ">= 1")
 
 
 @dataclass

@@ -148,7 +148,8 @@ class DiffusionGuidance:
         return {}
 
     # --- text -------------------------------------------------------------------------------------
-    def _cache_key(self, prompt: str) -> str:
+    def cache_key(self, prompt: str) -> str:
+        """A short name for `prompt` under this model (its location and, for a folder, its text encoder's files)."""
         ident = self.location
         weights = Path(self.location) / "text_encoder"
         if weights.is_dir():  # a local folder: its weights' sizes and times identify it
@@ -165,7 +166,7 @@ class DiffusionGuidance:
     def _load_or_encode(self, prompt: str) -> torch.Tensor:
         from safetensors.torch import save_file
 
-        path = self.cache_dir / f"{self._cache_key(prompt)}.safetensors"
+        path = self.cache_dir / f"{self.cache_key(prompt)}.safetensors"
         cached = self._load_cached(path, prompt)
         if cached is not None:
             return cached

@@ -33,6 +33,34 @@ class Distiller:
             from .lora import VSDLora
 
             self.lora = VSDLora(guidance.unet, rank=cfg.vsd.lora_rank, lr=cfg.vsd.lora_lr, pose_dropout=cfg.vsd.pose_drop_p)
+        self.ratio = self.f_weight = None
+        self._pool: list[tuple[torch.Tensor, torch.Tensor]] = []  # (text embedding, teacher samples) per view prompt
+        if cfg.engine == "vsd" and cfg.vsd.divergence != "rkl":  # f-distill: h(r) from a discriminator
+            from .ratio import ConvRatioNet, DensityRatio, FWeight
+
+            net = ConvRatioNet(int(guidance.unet.config.in_channels)).to(guidance.device)
+            self.ratio = DensityRatio(net, cfg.vsd.ratio_lr)
+            self.f_weight = FWeight(cfg.vsd.divergence, tuple(cfg.vsd.h_clip))
+
+    @property
+    def needs_pool(self) -> bool:
+        """Whether this estimator needs teacher samples (`attach_pool`): f-distill's divergences."""
+        return self.ratio is not None
+
+    def attach_pool(self, pool: dict[str, torch.Tensor], embeddings: torch.Tensor) -> None:
+        """Teacher samples per view prompt ({text: [N, C, S, S]}) and the texts' embeddings, in the
+        same order: a render is paired with samples of the prompt it was guided by."""
+        self._pool = [(e, x.to(self.guidance.device)) for e, x in zip(embeddings, pool.values())]
+
+    def _pool_batch(self, cond: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One teacher sample per row of `cond`, drawn from that row's view prompt's samples."""
+        rows = []
+        for emb in cond:
+            samples = next((x for e, x in self._pool if torch.equal(e, emb)), None)
+            if samples is None:
+                raise RuntimeError("no teacher samples for a view prompt: the pool was built for other prompts")
+            rows.append(samples[int(torch.randint(len(samples), (1,), generator=generator))])
+        return torch.stack(rows)
 
     @property
     def needs_normals(self) -> bool:
@@ -85,7 +113,8 @@ class Distiller:
                 base = guide.unet_kwargs(camera, x_t.shape[0])  # the base model's own camera input, if any
                 out = self.lora.predict(x_t.to(guide.dtype), t, cond, cameras.flat_pose().to(x_t.device, guide.dtype), **base)
                 eps_lora = guide.schedule.eps_from_output(out.float(), x_t, t)
-            grad = vsd(eps, eps_lora, weight)
+            f_weight = self._f_weight(x_t, t, cond, update, generator, logs) if self.ratio is not None else None
+            grad = vsd(eps, eps_lora, weight, f_weight)
             if update:
                 # the LoRA learns each render once, not once per draw
                 logs["lora_loss"] = self.lora.train_step(x0[:views].to(guide.dtype), cond[:views],
@@ -95,6 +124,21 @@ class Distiller:
         grad, finite = sanitize(grad, g.grad_clip)
         logs["finite"] = finite
         return grad, logs
+
+    def _f_weight(self, x_t, t, cond, update, generator, logs) -> torch.Tensor | None:
+        """f-distill's h(r) for the renders' x_t (None, i.e. VSD, while the discriminator warms up);
+        with `update` the discriminator then takes one step on teacher samples against these renders."""
+        schedule = self.guidance.schedule
+        t_frac = t.float() / schedule.num_train_timesteps
+        r = self.ratio.ratio(x_t, t_frac)
+        h = self.f_weight(r, update=update)
+        logs.update(log_r=float(r.log().mean()), h_max=float(h.max()))
+        warm = self.ratio.steps >= self.cfg.vsd.ratio_warmup
+        if update:
+            p0 = self._pool_batch(cond, generator)
+            p_t = schedule.add_noise(p0, torch.randn(p0.shape, generator=generator).to(p0.device), t)
+            logs["ratio_loss"] = self.ratio.train_step(p_t, x_t, t_frac, t_frac)
+        return h if warm else None
 
     def _control_variate(self, x_t, noise, t, render, cameras):
         g, guide = self.cfg, self.guidance
@@ -122,6 +166,8 @@ class Distiller:
             state["mu"] = {k: v for k, v in self.mu.state_dict().items() if v is not None}
         if self.lora is not None:
             state["lora"] = self.lora.state_dict()
+        if self.ratio is not None:
+            state["ratio"] = {**self.ratio.state_dict(), "h": self.f_weight.state_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,3 +176,6 @@ class Distiller:
             self.mu.load_state_dict(mu if self.cfg.ssd.keep_sds_cv else {"eh": mu.get("eh"), "hh": mu.get("hh"), "n": mu.get("n", 0)})
         if self.lora is not None and "lora" in state:
             self.lora.load_state_dict(state["lora"])
+        if self.ratio is not None and "ratio" in state:
+            self.ratio.load_state_dict(state["ratio"])
+            self.f_weight.load_state_dict(state["ratio"]["h"])

@@ -8,7 +8,7 @@ renderer. Nothing here holds state or touches a model: callers compute the noise
     control_variate   h = sigma grad_phi - eps phi             (Stein, zero mean)
     paper_term        eps phi + grad_phi                       (the page's literal form, biased: ablation)
     ssd               G = w (eps_hat + mu h)                   (phi == 1, mu = 1: SDS exactly)
-    vsd               G = w h(r) (eps_pre - eps_lora)          (h from f_divergence_weight; None: VSD)
+    vsd               G = w h(r) (eps_pre - eps_lora)          (h from f_divergence_weight; None: VSD = rkl)
 Stateful helpers live elsewhere: stein.LaggedMu (mu from past steps), lora.VSDLora (eps_lora),
 baselines (phi, grad_phi), variance (the gradient-variance meter), analytic (test targets).
 Noise maths (alpha_t, sigma_t, noising, model output -> eps) live in schedule.NoiseSchedule.
@@ -87,20 +87,25 @@ def vsd(eps_pretrained: torch.Tensor, eps_lora: torch.Tensor, weight: torch.Tens
     return g if f_weight is None else _bcast(f_weight, g) * g
 
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
+F_DIVERGENCES = ("rkl", "kl", "js", "hellinger", "jeffreys")
 
 
 def f_divergence_weight(kind: str, r: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """f-distill weight h(r) = r^2 f''(r) for the density ratio r = p_t/q_t (per sample, [B]).
-    reverse KL: 1, forward KL: r, Jensen-Shannon: r/(1+r). With `normalize` h is divided by its
+    """f-distill's weight h(r) = r^2 f''(r) for the density ratio r = p_t/q_t (per sample, [B]), with
+    D_f(p || q) = E_q[f(p/q)]: rkl (reverse KL, f = -log r): 1, i.e. VSD; kl (forward KL, r log r): r;
+    js (Jensen-Shannon, r log r - (1+r) log((1+r)/2)): r/(1+r); hellinger (squared Hellinger,
+    (sqrt r - 1)^2): sqrt(r)/2; jeffreys ((r-1) log r): r + 1. With `normalize` h is divided by its
     batch mean, which fixes the overall gradient scale (the direction is unchanged)."""
-    if kind == "reverse_kl":
+    if kind == "rkl":
         h = torch.ones_like(r)
-    elif kind == "forward_kl":
+    elif kind == "kl":
         h = r
     elif kind == "js":
         h = r / (1.0 + r)
+    elif kind == "hellinger":
+        h = 0.5 * r.sqrt()
+    elif kind == "jeffreys":
+        h = r + 1.0
     else:
         raise ValueError(f"unknown f-divergence {kind!r}; expected one of {F_DIVERGENCES}")
     return h / h.mean().clamp_min(torch.finfo(h.dtype).tiny) if normalize else h
-

@@ -87,6 +87,16 @@ class NoiseSchedule:
         a, s = self._alpha_sigma_like(t, x)
         return (a * x.to(a.dtype) + s * noise.to(a.dtype)).to(x.dtype)
 
+    def ddim_step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from t to t_prev < t (t_prev = -1: to the clean sample):
+        x0 = (x_t - sigma_t eps) / alpha_t, then x_prev = alpha_prev x0 + sigma_prev eps."""
+        a, s = (v.to(x_t.dtype) for v in self.alpha_sigma(t))
+        x0 = (x_t - s * eps) / a
+        if t_prev < 0:
+            return x0
+        a_prev, s_prev = (v.to(x_t.dtype) for v in self.alpha_sigma(t_prev))
+        return a_prev * x0 + s_prev * eps
+
     def weight(self, t: torch.Tensor, weighting: str = "sigma2") -> torch.Tensor:
         """The SDS weight w(t): 'sigma2' is sigma_t^2 = 1 - alpha_bar_t, 'uniform' is 1."""
         if weighting == "sigma2":

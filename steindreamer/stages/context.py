@@ -13,11 +13,14 @@ from ..field.nerf import Background
 from ..guidance.diffusion import DiffusionGuidance
 from ..guidance.distill import Distiller
 from ..guidance.reducers import draw_plan
+from ..guidance.teacher_pool import teacher_pool
 
 
 class Context:
-    def __init__(self, prompt: str, cfg: Config, guidance: DiffusionGuidance):
+    def __init__(self, prompt: str, cfg: Config, guidance: DiffusionGuidance, show_progress: bool = True):
         self.prompt, self.cfg, self.guidance = prompt, cfg, guidance
+        if cfg.train.deterministic:  # see TrainConfig.deterministic; warn_only: an op without such a path still runs
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = guidance.device
         # One generator drives every random draw of training, so a run is deterministic under its
         # seed and continues identically after --resume.
@@ -35,6 +38,11 @@ class Context:
         suffixes = VIEWS if cfg.guidance.view_dependent else ("",)
         self.prompts = {s: (view_prompt(prompt, s) if s else prompt) for s in suffixes}
         guidance.text_embeddings(list(self.prompts.values()))  # encode (or load) every view once
+        if self.distiller.needs_pool:  # f-distill's teacher samples, drawn once per run (or cached)
+            v, texts = cfg.guidance.vsd, list(self.prompts.values())
+            pool = teacher_pool(guidance, texts, v.pool_per_view, v.pool_steps, cfg.guidance.guidance_scale, cfg.train.seed,
+                                show_progress)
+            self.distiller.attach_pool(pool, guidance.text_embeddings(texts))
 
     @contextlib.contextmanager
     def seeded_init(self):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..fsio import atomic_save
+from .cache import read_entry, write_entry
 from .engines import cfg_combine
 from .locate import locate_model, project_cache
 from .schedule import NoiseSchedule
@@ -164,40 +164,17 @@ class DiffusionGuidance:
         return torch.stack([self._emb[p] for p in prompts]).to(self.device, self.dtype)
 
     def _load_or_encode(self, prompt: str) -> torch.Tensor:
-        from safetensors.torch import save_file
-
+        """From the cache where an entry can be trusted (the prompt's, [max_length, width]), else encoded."""
         path = self.cache_dir / f"{self.cache_key(prompt)}.safetensors"
-        cached = self._load_cached(path, prompt)
+        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        cached = read_entry(path, "emb", prompt, lambda e: e.dim() == 2 and e.shape[0] == self.tokenizer.model_max_length
+                            and width in (None, e.shape[1]))
         if cached is not None:
             return cached
         tokens = self.tokenizer([prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
         with torch.no_grad():
             emb = self.text_encoder(tokens.input_ids.to(self.device))[0][0].float().cpu().contiguous()
-        try:
-            atomic_save(path, lambda tmp: save_file({"emb": emb}, str(tmp), metadata={"prompt": prompt}))
-        except OSError:
-            pass  # the cache is an optimisation; an unwritable cache folder is not an error
-        return emb
-
-    def _load_cached(self, path: Path, prompt: str) -> torch.Tensor | None:
-        """The cached embedding of `prompt`, or None where the entry is missing or cannot be trusted:
-        unreadable, written for another prompt (its metadata), the wrong shape or type, or not finite.
-        A damaged entry is recomputed and overwritten, never used."""
-        from safetensors import safe_open
-
-        if not path.exists():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as entry:
-                if (entry.metadata() or {}).get("prompt") != prompt:
-                    return None
-                emb = entry.get_tensor("emb")
-        except Exception:  # noqa: BLE001 - truncated, garbage, missing key: recompute
-            return None
-        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
-        shape_ok = emb.dim() == 2 and emb.shape[0] == self.tokenizer.model_max_length and width in (None, emb.shape[1])
-        if emb.dtype != torch.float32 or not shape_ok or not bool(torch.isfinite(emb).all()):
-            return None
+        write_entry(path, "emb", emb, prompt)
         return emb
 
     # --- images -----------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import hashlib
 
 import torch
 
-from ..fsio import atomic_save
 from ..progress import StepProgress
+from .cache import read_entry, write_entry
 
 
 def _generator(text: str, seed: int) -> torch.Generator:
@@ -41,31 +41,15 @@ def _key(guidance, text: str, n: int, steps: int, scale: float, seed: int) -> st
     return guidance.cache_key(f"teacher-pool\0{text}\0{n}\0{steps}\0{scale:g}\0{seed}")
 
 
-def _load(path, text: str, shape: tuple) -> torch.Tensor | None:
-    from safetensors import safe_open
-
-    if not path.exists():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as entry:
-            if (entry.metadata() or {}).get("prompt") != text:
-                return None
-            x = entry.get_tensor("samples")
-    except Exception:  # noqa: BLE001 - truncated, garbage: sample again
-        return None
-    return x if tuple(x.shape) == shape and x.dtype == torch.float32 and bool(torch.isfinite(x).all()) else None
-
-
 def teacher_pool(guidance, texts: list[str], per_view: int, steps: int, scale: float, seed: int,
                  show_progress: bool = True) -> dict[str, torch.Tensor]:
     """{text: samples [per_view, C, S, S]} for each view prompt, from the cache where it holds them."""
-    from safetensors.torch import save_file
-
     folder = guidance.cache_dir.parent / "teacher_pool"
     shape = (per_view, int(guidance.unet.config.in_channels), guidance.sample_size, guidance.sample_size)
     pool, missing = {}, []
     for text in texts:
-        cached = _load(folder / f"{_key(guidance, text, per_view, steps, scale, seed)}.safetensors", text, shape)
+        cached = read_entry(folder / f"{_key(guidance, text, per_view, steps, scale, seed)}.safetensors", "samples", text,
+                            lambda x: tuple(x.shape) == shape)
         if cached is None:
             missing.append(text)
         else:
@@ -80,9 +64,5 @@ def teacher_pool(guidance, texts: list[str], per_view: int, steps: int, scale: f
 
             for text in missing:
                 pool[text] = sample_teacher(guidance, text, per_view, steps, scale, seed, tick)
-                path = folder / f"{_key(guidance, text, per_view, steps, scale, seed)}.safetensors"
-                try:
-                    atomic_save(path, lambda tmp, x=pool[text]: save_file({"samples": x.contiguous()}, str(tmp), metadata={"prompt": text}))
-                except OSError:
-                    pass  # the cache is an optimisation
+                write_entry(folder / f"{_key(guidance, text, per_view, steps, scale, seed)}.safetensors", "samples", pool[text], text)
     return pool

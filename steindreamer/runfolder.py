@@ -121,9 +121,14 @@ class RunFolder:
         """Write atomically, then prune: older checkpoints go only once the new one is on disk."""
         path = self.checkpoint_path(stage, step)
         atomic_torch_save(path, state)
+        self.prune(stage, keep)
+        return path
+
+    def prune(self, stage: StageName, keep: int) -> None:
+        """Keep `stage`'s newest `keep` checkpoints. Also run when a stage starts: a kill between a
+        checkpoint's rename and this pruning leaves one too many, and a finished stage saves no more."""
         for old in self.checkpoints_of(stage)[:-keep]:
             old.unlink(missing_ok=True)
-        return path
 
     @staticmethod
     def load_checkpoint(path: Path, device="cpu") -> dict:

@@ -135,6 +135,36 @@ def test_sigkill_during_checkpoint_write_then_resume(tiny_pixel_model, reference
     _assert_matches_reference(out, reference)  # continued from step 6, each step logged once
 
 
+# The same, but the temp file of TARGET is renamed into place first: killed between the rename and
+# the pruning of older checkpoints.
+RENAMED_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    target, real = sys.argv[1], os.replace
+    def replace(src, dst, *args, **kwargs):
+        out = real(src, dst, *args, **kwargs)
+        if Path(dst).name == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    os.replace = replace
+    from steindreamer.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_sigkill_between_the_last_checkpoint_and_its_pruning(tiny_pixel_model, reference, tmp_path):
+    """Killed right after the final checkpoint's rename, before older ones were pruned: the stage is
+    finished and saves nothing more, so the resume prunes when it starts (found by scripts/torture.py:
+    the folder kept K + 1 checkpoints)."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", RENAMED_KILLER, "step_0000010.pt", *_gen(tiny_pixel_model, out, *STEPS)],
+                          capture_output=True, text=True, timeout=240, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _ckpts(out) == ["step_0000004.pt", "step_0000006.pt", "step_0000008.pt", "step_0000010.pt"]
+    assert main(_resume(out)) == 0
+    _assert_matches_reference(out, reference)
+
+
 def test_sigkill_during_export_then_resume(reference, tmp_path):
     # A run that stopped after step 8 with an export from an earlier pass on disk.
     out = tmp_path / "run"

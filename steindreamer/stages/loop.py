@@ -24,6 +24,7 @@ def run_stage(stage: Stage, run: RunFolder, offset: int = 0, callbacks: tuple = 
     cad, name = stage.cadence, stage.name
     engine = stage.cfg.guidance.engine
     run.trim_metrics(name, offset + stage.step_index)
+    run.prune(name, cad.keep)
     guard = DivergenceGuard(stage, stage.cfg.train)
     last: dict = {}
     stopped = False

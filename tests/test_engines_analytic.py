@@ -341,8 +341,8 @@ def test_kl_quadrature_matches_closed_form():
     mp, vp = a * P_M, a ** 2 * P_S ** 2 + s ** 2
     mq, vq = a * theta[0], a ** 2 * theta[1] ** 2 + s ** 2
     kl = lambda m1, v1, m2, v2: 0.5 * (v1 / v2 + (m1 - m2) ** 2 / v2 - 1 + np.log(v2 / v1))  # KL(1||2)
-    assert _divergence("reverse_kl", theta, a, s) == pytest.approx(kl(mq, vq, mp, vp), rel=1e-9)
-    assert _divergence("forward_kl", theta, a, s) == pytest.approx(kl(mp, vp, mq, vq), rel=1e-9)
+    assert _divergence("rkl", theta, a, s) == pytest.approx(kl(mq, vq, mp, vp), rel=1e-9)
+    assert _divergence("kl", theta, a, s) == pytest.approx(kl(mp, vp, mq, vq), rel=1e-9)
 
 
 # Variance meter on a case with a known answer --------------------------------------------------------

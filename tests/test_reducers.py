@@ -166,7 +166,9 @@ def test_k_draws_per_render_are_the_mean_of_single_draws_for_every_engine(engine
     g, _ = ctx.distiller.gradient(x, out, cams, cond, ctx.uncond, t, noise, update=False)
     singles = [ctx.distiller.gradient(x, out, cams, cond, ctx.uncond, t[k * 2:(k + 1) * 2], noise[k * 2:(k + 1) * 2], update=False)[0]
                for k in range(4)]
-    assert g.shape == x.shape and torch.allclose(g, torch.stack(singles).mean(0), atol=1e-5)
+    # float32: one UNet call on 8 rows against four on 2 may take other kernels (deterministic mode
+    # picks its own): equal to ~1e-5 of values up to ~15; a wrong average is off by O(1)
+    assert g.shape == x.shape and torch.allclose(g, torch.stack(singles).mean(0), rtol=1e-4, atol=1e-4)
     if engine == "vsd":
         seen = []
         train_step = ctx.distiller.lora.train_step

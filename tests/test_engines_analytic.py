@@ -300,17 +300,23 @@ def _divergence(kind, theta, a, s):
     return float((wts * _f(kind, r)).sum() / np.sqrt(2 * np.pi))
 
 
-@pytest.mark.parametrize("kind", ["rkl", "kl", "js", "hellinger", "jeffreys"])
-def test_f_divergence_gradient_matches_numerical(kind):
-    a, s = (float(v) for v in SD.alpha_sigma(T7))
-    theta = np.array([-0.3, 0.9])  # q_0 = N(theta_0, theta_1^2), x_0 = theta_0 + theta_1 z
-    # Estimator expectation over (z, eps) by 2-D Gauss-Hermite quadrature.
+def f_quadrature(theta, a, s):
+    """2-D Gauss-Hermite nodes over (z, eps) for x_t = a (theta_0 + theta_1 z) + s eps: (z, weights,
+    x_t, p, q) with p = N(P_M, P_S^2) and q = N(theta_0, theta_1^2) as GaussianMixtures."""
     nodes, wts = np.polynomial.hermite_e.hermegauss(60)
     z, eps = (torch.tensor(v).reshape(-1) for v in np.meshgrid(nodes, nodes, indexing="ij"))
     wq = torch.tensor(np.outer(wts, wts).reshape(-1)) / (2 * np.pi)
     xt = a * (theta[0] + theta[1] * z) + s * eps
     p = GaussianMixture.gaussian(torch.tensor([P_M], dtype=D64), torch.tensor([P_S], dtype=D64))
     q = GaussianMixture.gaussian(torch.tensor([theta[0]], dtype=D64), torch.tensor([theta[1]], dtype=D64))
+    return z, wq, xt, p, q
+
+
+@pytest.mark.parametrize("kind", ["rkl", "kl", "js", "hellinger", "jeffreys"])
+def test_f_divergence_gradient_matches_numerical(kind):
+    a, s = (float(v) for v in SD.alpha_sigma(T7))
+    theta = np.array([-0.3, 0.9])  # q_0 = N(theta_0, theta_1^2), x_0 = theta_0 + theta_1 z
+    z, wq, xt, p, q = f_quadrature(theta, a, s)  # the estimator's expectation over (z, eps)
     r = (p.log_prob(xt[:, None], a, s) - q.log_prob(xt[:, None], a, s)).exp()
     # weight a/sigma turns eps-differences into d D_f / d x_0 (x_t = a x_0 + sigma eps).
     g = vsd(p.eps(xt[:, None], a, s), q.eps(xt[:, None], a, s), a / s,

@@ -14,11 +14,11 @@ from steindreamer.guidance.engines import f_divergence_weight, vsd
 from steindreamer.guidance.ratio import DensityRatio, FWeight, MLPRatioNet
 
 from test_cli import FAST
-from test_engines_analytic import _divergence
+from test_engines_analytic import P_M, P_S, _divergence, f_quadrature  # the target the harness differentiates
 
 SD = sd_schedule()
 D64 = torch.float64
-P_M, P_S, Q_M, Q_S, T = 0.5, 0.6, -0.3, 0.9, 300
+Q_M, Q_S, T = -0.3, 0.9, 300
 
 
 def _trained_ratio(steps: int = 1500, seed: int = 0) -> tuple[DensityRatio, float, float]:
@@ -65,12 +65,7 @@ def test_weighted_estimator_with_the_trained_ratio_follows_d_f(kind, trained):
     within 5 % (the closed-form r gives it to 1e-5: test_engines_analytic); rkl's h = 1 would not."""
     ratio, a, s = trained
     theta = np.array([Q_M, Q_S])
-    nodes, wts = np.polynomial.hermite_e.hermegauss(60)
-    z, eps = (torch.tensor(v).reshape(-1) for v in np.meshgrid(nodes, nodes, indexing="ij"))
-    wq = torch.tensor(np.outer(wts, wts).reshape(-1)) / (2 * np.pi)
-    xt = a * (theta[0] + theta[1] * z) + s * eps
-    p = GaussianMixture.gaussian(torch.tensor([P_M], dtype=D64), torch.tensor([P_S], dtype=D64))
-    q = GaussianMixture.gaussian(torch.tensor([theta[0]], dtype=D64), torch.tensor([theta[1]], dtype=D64))
+    z, wq, xt, p, q = f_quadrature(theta, a, s)
     r = ratio.ratio(xt[:, None].float(), torch.full((len(xt),), T / SD.num_train_timesteps)).double()
 
     def estimate(kind):

@@ -50,7 +50,7 @@ def _server(code: int):
             self.end_headers()
 
         def log_message(self, *args):
-            pass
+            return  # no request lines on the test's stderr
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -1,6 +1,7 @@
 """f-distill for the VSD engine (guidance/ratio.py, teacher_pool.py): a discriminator's density ratio
 recovers a known Gaussian ratio, the weighted estimator with that trained ratio follows the
 numerically differentiated D_f, rkl is VSD exactly, and the ratio's state resumes bit for bit."""
+import math
 import os
 from pathlib import Path
 
@@ -79,13 +80,26 @@ def test_weighted_estimator_with_the_trained_ratio_follows_d_f(kind, trained):
     assert np.abs(estimate("rkl") / np.abs(estimate("rkl")).max() - num / np.abs(num).max()).max() > 0.05
 
 
-def test_h_is_normalised_by_its_running_mean_and_clipped():
-    w = FWeight("kl", (0.2, 5.0), decay=0.5)
+def test_h_is_normalised_by_its_recent_mean_and_clipped():
+    w = FWeight("kl", (0.2, 5.0), window=2)
     h = w(torch.tensor([1.0, 3.0]))  # first batch: its own mean, 2
     torch.testing.assert_close(h, torch.tensor([0.5, 1.5]))
-    h = w(torch.tensor([100.0]))  # over the running mean (2), then clipped
-    assert float(h) == pytest.approx(5.0) and w.mean == pytest.approx(51.0)
-    assert float(w(torch.tensor([0.001]), update=False)) == pytest.approx(0.2) and w.mean == pytest.approx(51.0)
+    h = w(torch.tensor([100.0]))  # over the mean of the window's batch means (2, 100): 51
+    assert float(h) == pytest.approx(100 / 51) and w.recent == [2.0, 100.0]
+    assert float(w(torch.tensor([0.001]), update=False)) == pytest.approx(0.2) and w.recent == [2.0, 100.0]  # clipped
+    w.load_state_dict(w.state_dict())
+    assert w.recent == [2.0, 100.0]
+
+
+def test_h_follows_a_ratio_that_falls_by_orders_of_magnitude():
+    """As the discriminator learns, r = p/q of the renders falls from ~1 to ~1e-3 within ~150 steps
+    (toy runs: log r -1 -> -7). h must keep weighing one view against the other (here 1 : 2), not
+    sink to the clip's floor for all: that only shrinks every step (a slow running mean did)."""
+    w = FWeight("kl", (0.2, 5.0))
+    for step in range(200):
+        h = w(torch.tensor([1.0, 2.0]) * math.exp(-0.05 * step))
+    assert 0.5 < float(h[0]) < 0.7 and 1.0 < float(h[1]) < 1.4, h  # 1 and 2 over 1.5 x the window's drift (1.2)
+    torch.testing.assert_close(h[1] / h[0], torch.tensor(2.0))
 
 
 def _vsd_args(model, out, *extra):
@@ -118,7 +132,7 @@ def test_rkl_is_vsd_and_kl_changes_the_gradient(tiny_pixel_model, kl_run, tmp_pa
 
 
 def test_f_distill_resume_is_bit_identical(tiny_pixel_model, kl_run, tmp_path):
-    """The discriminator, its Adam state and h's running mean are checkpointed; the teacher pool is
+    """The discriminator, its Adam state and h's recent batch means are checkpointed; the teacher pool is
     cached (a damaged entry is drawn again, identically)."""
     b = tmp_path / "b"
     assert main(_vsd_args(tiny_pixel_model, b, "steps=2", "divergence=kl")) == 0

@@ -57,8 +57,8 @@ class VSDConfig:
     # its ratio weights the gradient (h = 1 until then).
     ratio_lr: float = 1e-3
     ratio_warmup: int = 20
-    # h(r) over its running mean (a batch of 1 or 2 has no mean to speak of), clipped to this range so
-    # that one sample cannot dominate a step
+    # h(r) over its mean across the last 8 steps (a batch of 1 or 2 has no mean to speak of), clipped
+    # to this range so that one sample cannot dominate a step
     h_clip: list[float] = dc_field(default_factory=lambda: [0.2, 5.0])
     # Teacher samples per view prompt (DDIM, pool_steps steps, CFG at guidance_scale), drawn once per run
     # and cached beside the text embeddings

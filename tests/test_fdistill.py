@@ -29,10 +29,11 @@ def _trained_ratio(steps: int = 1500, seed: int = 0) -> tuple[DensityRatio, floa
     ratio = DensityRatio(MLPRatioNet(1), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     t = torch.full((256,), T / SD.num_train_timesteps)
-    for _ in range(steps):
-        p = a * (P_M + P_S * torch.randn(256, 1, generator=g)) + s * torch.randn(256, 1, generator=g)
-        q = a * (Q_M + Q_S * torch.randn(256, 1, generator=g)) + s * torch.randn(256, 1, generator=g)
-        ratio.train_step(p, q, t, t)
+    with torch.no_grad():  # as the variance meter draws whole steps: the discriminator trains all the same
+        for _ in range(steps):
+            p = a * (P_M + P_S * torch.randn(256, 1, generator=g)) + s * torch.randn(256, 1, generator=g)
+            q = a * (Q_M + Q_S * torch.randn(256, 1, generator=g)) + s * torch.randn(256, 1, generator=g)
+            ratio.train_step(p, q, t, t)
     return ratio, a, s
 
 

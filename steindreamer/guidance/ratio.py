@@ -80,10 +80,12 @@ class DensityRatio:
         return self.log_ratio(x_t, t).exp()
 
     def train_step(self, p_t: torch.Tensor, q_t: torch.Tensor, t_p: torch.Tensor, t_q: torch.Tensor) -> float:
-        """One logistic-regression step on a batch of p and one of q; returns the loss."""
-        logits = self.net(torch.cat([p_t, q_t]).float(), torch.cat([t_p, t_q]))
-        labels = torch.cat([torch.ones(len(p_t)), torch.zeros(len(q_t))]).to(logits)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        """One logistic-regression step on a batch of p and one of q; returns the loss. Trains under a
+        caller's no_grad too (the variance meter draws whole steps so), as the LoRA does."""
+        with torch.enable_grad():
+            logits = self.net(torch.cat([p_t, q_t]).float(), torch.cat([t_p, t_q]))
+            labels = torch.cat([torch.ones(len(p_t)), torch.zeros(len(q_t))]).to(logits)
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -80,5 +80,4 @@ def _figure():
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    fig.clear()
     return path

@@ -12,7 +12,8 @@ divides by the batch mean; at the batch sizes of score distillation, 1 to 4 view
 make every h close to 1), and clipped to `guidance.vsd.h_clip`, so that one sample cannot dominate a
 step. The window is short because r drifts by orders of magnitude as the discriminator learns: a
 slow running mean (decay 0.99) lagged behind a falling r and pinned every h to the clip's floor from
-step ~60 of a toy run on, which only shrank VSD's steps 5x (benchmarks/quality_builtin_quick_vsd_kl.json).
+step ~60 of a toy run on, which only shrank VSD's steps 5x
+(benchmarks/quality_builtin_quick_vsd_kl_running_mean.json).
 """
 from __future__ import annotations
 

@@ -80,4 +80,5 @@ def _figure():
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    fig.clear()  # not redundant with the collection: without it 1.5 MiB a plot stays (the plots' test)
     return path

@@ -34,7 +34,10 @@ QUICK = ("a red cube", "a orange pyramid", "a green sphere", "a blue cone", "a y
 # Each engine's toy settings. VSD's step costs ~3x SDS's: half the steps with a 10x faster LoRA
 # (quick benchmark: 6/6 right, IoU 0.761, 69 s per asset; benchmarks/quality_builtin_quick_vsd.json).
 ENGINE_SETTINGS = {"sds": [], "ssd": ["guidance.engine=ssd"],
-                   "vsd": ["guidance.engine=vsd", "steps=300", "guidance.vsd.lora_lr=0.001"]}
+                   "vsd": ["guidance.engine=vsd", "steps=300", "guidance.vsd.lora_lr=0.001"],
+                   # not a prior: the world's true renders (scripts/truth_generate.py), the ceiling of
+                   # these cameras, this representation and this export
+                   "truth": []}
 
 
 def world_prompts(path: Path) -> list[str]:
@@ -51,7 +54,8 @@ def khronos(glb: Path) -> dict | None:
 
 def run_one(prompt: str, engine: str, work: Path, preset: str, overrides: list[str], seed: int) -> dict:
     run_dir = work / engine / prompt.replace(" ", "_")
-    cmd = [sys.executable, "-m", "steindreamer", "generate", prompt, "--preset", preset, "--out", str(run_dir), "--overwrite",
+    program = [str(ROOT / "scripts" / "truth_generate.py")] if engine == "truth" else ["-m", "steindreamer", "generate"]
+    cmd = [sys.executable, *program, prompt, "--preset", preset, "--out", str(run_dir), *(["--overwrite"] if engine != "truth" else []),
            "--quiet", f"seed={seed}", *ENGINE_SETTINGS[engine], *overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -154,7 +158,7 @@ def summarise(results: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", default="sds", help="comma-separated: sds, ssd, vsd")
+    ap.add_argument("--engines", default="sds", help="comma-separated: sds, ssd, vsd, truth (the true renders' ceiling)")
     ap.add_argument("--quick", action="store_true", help=f"the 6 prompts {', '.join(QUICK)}")
     ap.add_argument("--prompts", default=str(ROOT / "assets" / "prompts" / "builtin_world.txt"))
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")

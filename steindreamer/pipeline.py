@@ -13,16 +13,18 @@ from .export.extract import extract_field_surface
 from .field.nerf import AlbedoField
 from .fsio import atomic_write
 from .guidance.diffusion import DiffusionGuidance, pick_device
+from .guidance.distill import Distiller
 from .runfolder import RunFolder
 from .stages import Context, MeshStage, NeRFStage, run_stage
 
 
-def build_stages(prompt: str, cfg: Config, resume_from: RunFolder | None = None, show_progress: bool = True):
+def build_stages(prompt: str, cfg: Config, resume_from: RunFolder | None = None, show_progress: bool = True,
+                 make_distiller: Callable[..., Distiller] = Distiller):
     """The context and the NeRF stage, restored from `resume_from`'s newest NeRF checkpoint if given
-    (and it has one)."""
+    (and it has one). `make_distiller`: see Context."""
     device = pick_device(cfg.train.device)
     guidance = DiffusionGuidance(cfg.guidance.model, device, cfg.guidance.half_precision, cfg.guidance.cache_dir)
-    ctx = Context(prompt, cfg, guidance, show_progress)
+    ctx = Context(prompt, cfg, guidance, show_progress, make_distiller)
     nerf = NeRFStage(ctx)
     state = resume_from.resume_state("nerf", cfg, prompt, device) if resume_from is not None else None
     if state is not None:
@@ -41,12 +43,12 @@ def mesh_stage(ctx: Context, nerf: NeRFStage, resume_from: RunFolder | None = No
 
 
 def generate(prompt: str, cfg: Config, run_dir: Path, resume: bool = False, show_progress: bool = True,
-             callbacks: tuple[Callable, ...] = ()) -> dict:
+             callbacks: tuple[Callable, ...] = (), make_distiller: Callable[..., Distiller] = Distiller) -> dict:
     """`prompt` as `steindreamer.prompt.check_prompt` returns it. Returns result.json's contents plus
     "stopped" (a callback ended training; nothing was exported)."""
     run = RunFolder(run_dir)
     start = time.perf_counter()
-    ctx, nerf = build_stages(prompt, cfg, run if resume else None, show_progress)
+    ctx, nerf = build_stages(prompt, cfg, run if resume else None, show_progress, make_distiller)
     trained = run_stage(nerf, run, callbacks=callbacks, show_progress=show_progress)
     timings = {"nerf": time.perf_counter() - start}
     last = trained["last"]

@@ -183,6 +183,28 @@ def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):
     assert (grid[:, 2 * 128:] == 255).all()
 
 
+def test_truth_engine_pulls_each_render_to_the_worlds_true_render():
+    """bench_quality's `truth` engine (the ceiling): G is zero at the true render and a step along -G
+    moves a wrong render towards it."""
+    truth_generate = _load("truth_generate")
+    from steindreamer.cameras import make_cameras
+    from steindreamer.guidance.config import GuidanceConfig
+    from steindreamer.guidance.diffusion import DiffusionGuidance
+    from steindreamer.toy.world import render_shape
+
+    guide = DiffusionGuidance("builtin", torch.device("cpu"))
+    distiller = truth_generate.true_image_distiller("red", "cube")(GuidanceConfig(), guide)
+    cams = make_cameras([20.0, -5.0], [30.0, 200.0], [2.0, 2.0], [45.0, 45.0])
+    true = render_shape("cube", "red", cams, 32, 32, supersample=truth_generate.SUPERSAMPLE)["rgb"]
+    wrong = render_shape("sphere", "blue", cams, 32, 32, supersample=1)["rgb"]
+    for rgb, zero in ((true, True), (wrong, False)):
+        x = guide.encode(rgb.permute(0, 3, 1, 2))
+        g, logs = distiller.gradient(x, {"rgb": rgb}, cams, None, None, None, None)
+        assert logs["finite"] and (g.abs().max() < 1e-6) == zero
+    target = guide.encode(true.permute(0, 3, 1, 2))
+    assert (x - 0.05 * g - target).norm() < (x - target).norm()
+
+
 def test_bench_yaw_gap_is_zero_for_a_round_shape_and_not_for_a_cube():
     bench = _load("bench_yaw")
     from steindreamer.guidance.diffusion import DiffusionGuidance

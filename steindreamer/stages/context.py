@@ -4,6 +4,7 @@ LoRA), the run's random generator and the background model."""
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,10 @@ from ..guidance.teacher_pool import teacher_pool
 
 
 class Context:
-    def __init__(self, prompt: str, cfg: Config, guidance: DiffusionGuidance, show_progress: bool = True):
+    def __init__(self, prompt: str, cfg: Config, guidance: DiffusionGuidance, show_progress: bool = True,
+                 make_distiller: Callable[..., Distiller] = Distiller):
+        """`make_distiller(cfg.guidance, guidance)` builds the estimator (scripts/truth_generate.py hands
+        in one that learns from the world's true renders, the 3D benchmark's ceiling)."""
         self.prompt, self.cfg, self.guidance = prompt, cfg, guidance
         if cfg.train.deterministic:  # see TrainConfig.deterministic; warn_only: an op without such a path still runs
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -33,7 +37,7 @@ class Context:
         self.t_shift = float(torch.rand(1, generator=torch.Generator().manual_seed(cfg.train.seed + 0x5EED), dtype=torch.float64))
         with self.seeded_init():
             self.background = Background(cfg.background).to(self.device)
-            self.distiller = Distiller(cfg.guidance, guidance)
+            self.distiller = make_distiller(cfg.guidance, guidance)
         self.uncond = guidance.text_embeddings([""])
         suffixes = VIEWS if cfg.guidance.view_dependent else ("",)
         self.prompts = {s: (view_prompt(prompt, s) if s else prompt) for s in suffixes}

@@ -29,7 +29,8 @@ from steindreamer.prompt import check_prompt  # noqa: E402
 from steindreamer.runfolder import RunFolder  # noqa: E402
 from steindreamer.toy.world import parse_caption, render_shape  # noqa: E402
 
-WORLD_SHADING = ["shading.albedo_steps=0", "shading.lambertian_p=1.0", "shading.textureless_p=0.0"]
+WORLD_SHADING = ["shading.albedo_steps=0", "shading.lambertian_p=1.0", "shading.textureless_p=0.0",
+                 "train.variance_every=0"]  # G has no noise to measure
 SUPERSAMPLE = 4
 
 
@@ -54,7 +55,7 @@ def main() -> int:
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     colour, shape = parse_caption(check_prompt(args.prompt))
     cfg = load_config(args.preset, None, [*args.overrides, *WORLD_SHADING])
     if cfg.train.threads > 0:

@@ -158,13 +158,16 @@ def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):
 
     out = tmp_path / "quality.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--quick", "--limit", "2", "--work", str(tmp_path / "runs"),
-           "--out", str(out), "--set", "train.steps=20", "--set", "mesh.steps=4", "--set", "train.val_every=1000"]
+           "--out", str(out), "--engines", "sds,truth", "--set", "train.steps=20", "--set", "mesh.steps=4",
+           "--set", "train.val_every=1000"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     res = json.loads(out.read_text())
     assert res["prompts"] == ["a red cube", "a orange pyramid"]
-    rows = res["results"]
-    assert len(rows) == 2 and all("failed" not in r for r in rows), [r.get("failed") for r in rows]
-    for r in rows:
+    assert [r["engine"] for r in res["results"]] == ["sds", "sds", "truth", "truth"]
+    assert all("failed" not in r for r in res["results"]), [r.get("failed") for r in res["results"]]
+    assert res["by_engine"]["truth"]["assets"] == 2  # the ceiling's runs (scripts/truth_generate.py) are checked alike
+    rows = res["results"][:2]
+    for r in res["results"]:
         again = shape3d.check_glb(Path(r["run"]) / "model.glb", r["prompt"])
         assert again["volumetric_iou"] == pytest.approx(r["volumetric_iou"]) and again["shape"] == r["shape"]
         assert r["right"] == (r["shape"] == r["prompt"].split()[-1] and r["colour"] == r["prompt"].split()[1])
@@ -175,12 +178,12 @@ def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):
     assert s["mean_volumetric_iou"] == pytest.approx(sum(r["volumetric_iou"] for r in rows) / 2)
     assert 0 < s["seconds_per_asset_mean"] <= s["seconds_per_asset_max"]
     w, h = Image.open(res["gallery"]).size
-    assert h == 2 * 96 and w > 6 * 96
+    assert h == 4 * 96 and w > 6 * 96
     grid = np.asarray(Image.open(res["grid"]).convert("RGB"))
-    assert grid.shape == (128, 6 * 128, 3)  # one row of 6 cells, 2 filled
-    for i, r in enumerate(rows):  # each cell framed green (right) or red (wrong)
+    assert grid.shape == (128, 6 * 128, 3)  # one row of 6 cells, 4 filled
+    for i, r in enumerate(res["results"]):  # each cell framed green (right) or red (wrong)
         assert tuple(grid[0, i * 128 + 64]) == ((40, 160, 60) if r["right"] else (220, 40, 40))
-    assert (grid[:, 2 * 128:] == 255).all()
+    assert (grid[:, 4 * 128:] == 255).all()
 
 
 def test_truth_engine_pulls_each_render_to_the_worlds_true_render():

@@ -55,7 +55,7 @@ def khronos(glb: Path) -> dict | None:
 def run_one(prompt: str, engine: str, work: Path, preset: str, overrides: list[str], seed: int) -> dict:
     run_dir = work / engine / prompt.replace(" ", "_")
     program = [str(ROOT / "scripts" / "truth_generate.py")] if engine == "truth" else ["-m", "steindreamer", "generate"]
-    cmd = [sys.executable, *program, prompt, "--preset", preset, "--out", str(run_dir), *(["--overwrite"] if engine != "truth" else []),
+    cmd = [sys.executable, *program, prompt, "--preset", preset, "--out", str(run_dir), "--overwrite",
            "--quiet", f"seed={seed}", *ENGINE_SETTINGS[engine], *overrides]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -10,11 +10,15 @@ the built-in model, measured honestly (JSON + PNG out; docs/method.md, "Variance
     theta-gradient variance into camera, t and eps parts (`inner_fraction`: the eps share, the most
     any eps control variate can remove); per t bucket, each engine's (and the antithetic pair's)
     eps variance over SDS's, with bootstrap intervals.
-(b) Per step and per unit cost: every configuration in CONFIGS draws whole independent steps at the
-    same checkpoints (each on a stage of its own, rendered at that step; SSD's weights and VSD's LoRA
-    first adapt there, then are frozen); `variance_per_cost_vs_sds` = its theta variance x measured
-    seconds per step over SDS's, mean over checkpoints, with a 90 % bootstrap interval (also per UNet
-    call). A configuration that spends more must beat simply taking more draws.
+(b) Per step and per unit cost: every configuration in CONFIGS draws independent windows of `--window`
+    L consecutive steps at the same checkpoints (each on a stage of its own, rendered at those steps;
+    SSD's weights and VSD's LoRA first adapt there, then are frozen; a fresh replicate of the run's
+    sequence per window). The theta variance per step is L x the variance of a window's mean gradient:
+    what Adam's momentum (beta1 0.9) averages, so negatively correlated successive steps (the
+    low-discrepancy sequence) count, and for independent steps it is the one-step variance.
+    `variance_per_cost_vs_sds` = that variance x measured seconds per step over SDS's, mean over
+    checkpoints, with a 90 % bootstrap interval (also per UNet call, and the one-step variance ratio
+    from each window's first step). A configuration that spends more must beat simply taking more draws.
 (c) Convergence: SDS and the configuration with the lowest variance per cost train from the same
     seed on several prompts; every `--eval-every` steps the NeRF's surface (the mesh stage's
     extraction) is scored by volumetric IoU with the true shape (steindreamer.toy.shape3d).
@@ -49,6 +53,9 @@ from steindreamer.toy.world import parse_caption  # noqa: E402
 
 PAIR = ["guidance.noise.draws=2", "guidance.noise.antithetic=true"]
 STRAT = ["guidance.noise.t_sampling=stratified"]
+CAM_SEQ = ["camera.sampling=sequence"]
+T_SEQ = ["guidance.noise.t_sampling=sequence"]
+SEQ = CAM_SEQ + T_SEQ  # cameras, shading and t from the run's low-discrepancy view sequence
 # name -> (engine, overrides): the estimator configurations compared per step and per cost
 CONFIGS = {
     "sds": ("sds", []),
@@ -62,9 +69,17 @@ CONFIGS = {
     "sds_draws4_antithetic_stratified": ("sds", ["guidance.noise.draws=4", "guidance.noise.antithetic=true"] + STRAT),
     "ssd_antithetic_stratified": ("ssd", PAIR + STRAT),
     "vsd_antithetic_stratified": ("vsd", PAIR + STRAT),
+    "sds_camera_sequence": ("sds", CAM_SEQ),
+    "sds_t_sequence": ("sds", T_SEQ),
+    "sds_sequence": ("sds", SEQ),
+    "sds_sequence_antithetic": ("sds", SEQ + PAIR),
+    "ssd_sequence": ("ssd", SEQ),
+    "vsd_sequence": ("vsd", SEQ),
     "vsd_kl": ("vsd", ["guidance.vsd.divergence=kl"]),  # f-distill's forward KL
     "vsd_js": ("vsd", ["guidance.vsd.divergence=js"]),  # ... and Jensen-Shannon
 }
+DEFAULT_CONFIGS = ("sds", "ssd", "vsd", "sds_antithetic", "sds_stratified", "sds_camera_sequence", "sds_t_sequence", "sds_sequence",
+                   "sds_sequence_antithetic", "ssd_sequence", "vsd_sequence")
 # trained on the main prompt for the quality plot; ssd_paper is the project page's literal (biased) term
 QUALITY_RUNS = {"sds": ("sds", []), "ssd": ("ssd", []), "vsd": ("vsd", []), "ssd_paper": ("ssd", ["guidance.ssd.stein_form=paper"]),
                 "vsd_kl": CONFIGS["vsd_kl"], "vsd_js": CONFIGS["vsd_js"]}
@@ -79,12 +94,13 @@ def make_stage(engine: str, args, extra=(), prompt: str | None = None) -> NeRFSt
     return NeRFStage(Context(prompt or args.prompt, cfg, guidance))
 
 
-def draw_g(stage: NeRFStage, update: bool):
-    """One whole step's estimate (its renders, its draws) without updating the field."""
+def draw_g(stage: NeRFStage, update: bool, independent: bool = True):
+    """One whole step's estimate (its renders, its draws) without updating the field; `independent`:
+    its t from a fresh replicate of the sequence (else the stage's, at its step index)."""
     ctx = stage.ctx
     out, cams = stage.render_train()
     x = ctx.guidance.encode(out["rgb"].permute(0, 3, 1, 2))
-    t, noise = ctx.draw_noise(x, *stage.t_range(), step=stage.step_index, independent=True)
+    t, noise = ctx.draw_noise(x, *stage.t_range(), step=stage.step_index, independent=independent)
     grad, _ = ctx.distiller.gradient(x, out, cams, ctx.text_for(cams), ctx.uncond, t, noise, update=update, generator=ctx.generator)
     return x, grad
 
@@ -109,18 +125,33 @@ def count_unet_rows(stage: NeRFStage) -> list[int]:
     return rows
 
 
+def window_g(stage: NeRFStage, params, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean theta-gradient of `length` consecutive steps at the stage's fixed state, on a fresh
+    replicate of the run's sequence (new random shift), and the first step's own."""
+    start, total, first = stage.step_index, None, None
+    stage.ctx.reshift()
+    for k in range(length):
+        stage.step_index = start + k
+        x, grad = draw_g(stage, update=False, independent=False)
+        g = torch.cat([q.flatten() for q in induced_theta_grad(x, grad.detach(), params)])
+        first = g if first is None else first
+        total = g if total is None else total + g
+    stage.step_index = start
+    return total / length, first
+
+
 def step_measure(name: str, state: dict, step: int, args) -> dict:
-    """(b) for one configuration at one state: M independent whole-step theta gradients (the stage
-    is kept for the timing rounds)."""
+    """(b) for one configuration at one state: M independent windows of L steps' theta gradients at
+    the state, their means and their first steps (the stage is kept for the timing rounds)."""
     engine, extra = CONFIGS[name]
     stage = at_state(make_stage(engine, args, extra), state, step, args.adapt if engine != "sds" else 0)
     params = [p for p in stage.field.parameters() if p.requires_grad]
-    samples = StepSamples()
+    samples, single = StepSamples(), StepSamples()
     for _ in range(args.draws):
-        x, grad = draw_g(stage, update=False)
-        samples.add(torch.cat([g.flatten() for g in induced_theta_grad(x, grad.detach(), params)]))
-    samples.close()
-    return {"samples": samples, "stage": stage}
+        mean, first = window_g(stage, params, args.window)
+        samples.add(mean), single.add(first)
+    samples.close(), single.close()
+    return {"samples": samples, "single": single, "window": args.window, "stage": stage}
 
 
 def time_steps(stages: dict, rounds: int) -> dict:
@@ -207,11 +238,13 @@ def per_cost(measures: dict, timing: dict, args) -> dict:
         sec = timing[name]["seconds"] / tref["seconds"]
         unet = timing[name]["unet_rows"] / tref["unet_rows"]
         var = bootstrap_ratio([(by_state[s]["samples"], ref[s]["samples"]) for s in steps], seed=args.seed)
+        one = bootstrap_ratio([(by_state[s]["single"], ref[s]["single"]) for s in steps], seed=args.seed)
         out[name] = {"ratio": var["ratio"] * sec, "interval": [v * sec for v in var["interval"]],
                      "variance_ratio": var["ratio"], "variance_interval": var["interval"], "seconds_ratio": sec,
                      "unet_calls_ratio": unet, "per_unet_call": var["ratio"] * unet,
                      "seconds_per_step": timing[name]["seconds"], "unet_samples_per_step": timing[name]["unet_rows"],
-                     "variance_by_step": {str(s): by_state[s]["samples"].variance() for s in steps}}
+                     "single_step_variance_ratio": one["ratio"], "single_step_variance_interval": one["interval"],
+                     "variance_by_step": {str(s): by_state[s]["window"] * by_state[s]["samples"].variance() for s in steps}}
     return out
 
 
@@ -277,11 +310,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoints", type=int, default=3, help="points of the SDS run where variance is measured")
-    parser.add_argument("--draws", type=int, default=96, help="whole-step samples per configuration and checkpoint")
+    parser.add_argument("--draws", type=int, default=24, help="windows of steps per configuration and checkpoint")
+    parser.add_argument("--window", type=int, default=8, help="consecutive steps per window (~ Adam's momentum horizon)")
     parser.add_argument("--nested", type=int, nargs=3, default=[6, 4, 4], metavar=("C", "T", "E"))
     parser.add_argument("--adapt", type=int, default=20)
     parser.add_argument("--timing-steps", type=int, default=30)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--convergence-prompts", default=",".join(CONVERGENCE_PROMPTS))
     parser.add_argument("--quality-runs", default=",".join(DEFAULT_QUALITY_RUNS), help=f"of {', '.join(QUALITY_RUNS)}")
     parser.add_argument("--quick", action="store_true", help="CI-sized: 20 steps, 1 checkpoint, few draws")
@@ -290,7 +324,7 @@ def main() -> int:
     parser.add_argument("--png")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.eval_every, args.checkpoints, args.draws, args.adapt, args.timing_steps = 20, 10, 1, 4, 3, 2
+        args.steps, args.eval_every, args.checkpoints, args.draws, args.window, args.adapt, args.timing_steps = 20, 10, 1, 4, 2, 3, 2
         args.nested = [2, 2, 2]
     args.convergence_prompts = [p for p in args.convergence_prompts.split(",") if p]
     names = [n for n in args.configs.split(",") if n]
@@ -330,7 +364,7 @@ def main() -> int:
     sds_total = [nd["components"]["sds"] for nd in nested]
     lo, hi = ref.ctx.guidance.schedule.t_bounds(*ref.t_range())
     result = {
-        "prompt": args.prompt, "preset": args.preset, "steps": args.steps, "checkpoints": marks, "draws": args.draws,
+        "prompt": args.prompt, "preset": args.preset, "steps": args.steps, "checkpoints": marks, "draws": args.draws, "window": args.window,
         "nested_design": args.nested, "adapt": args.adapt, "overrides": args.override, "seconds": None,
         "inner_fraction": float(np.mean([c["inner_fraction"] for c in sds_total])),
         "variance_components": {str(s): nd["components"] for s, nd in zip(marks, nested)},
@@ -389,7 +423,8 @@ def plot(result: dict, path: Path) -> None:
     err = np.array([[cost[n]["ratio"] - cost[n]["interval"][0], cost[n]["interval"][1] - cost[n]["ratio"]] for n in names]).T
     ax[3].barh(names, r, xerr=err, color=colours)
     ax[3].axvline(1.0, color="k", lw=0.8)
-    ax[0].set(title="theta-gradient variance per step at fixed theta", xlabel="checkpoint step (SDS run)", yscale="log")
+    ax[0].set(title=f"theta variance per step at fixed theta (L x Var of an L={result['window']}-step mean)", xlabel="checkpoint step (SDS run)",
+              yscale="log")
     ax[1].set(title=f"volumetric IoU of the NeRF's surface ({result['prompt']})", xlabel="step")
     ax[2].set(title=f"SDS against the best per cost ({best})", xlabel="step")
     ax[3].set(title="variance x seconds per step / SDS's (90 % interval)")

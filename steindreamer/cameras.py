@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-from .errors import require
+from .errors import require, require_choice
+
+# iid: independent views, azimuth stratified over the batch | sequence: the run's low-discrepancy
+# view sequence (steindreamer/sequence.py), the stage hands each step's points in
+CameraSampling = Literal["iid", "sequence"]
 
 
 @dataclass
@@ -27,8 +32,10 @@ class CameraConfig:
     jitter: float = 0.0  # std of the look-at point's offset (world units)
     front_angle: float = 45.0  # |azimuth| below this is "front", above 180 - this is "back"
     overhead_angle: float = 60.0  # elevation above this is "overhead"
+    sampling: CameraSampling = "iid"  # iid | sequence: consecutive steps' views spread evenly (same law per view)
 
     def check(self, key: str = "camera") -> None:
+        require_choice(self.sampling, get_args(CameraSampling), f"{key}.sampling")
         for name in ("distance", "fov", "elevation", "azimuth"):
             lo, hi = getattr(self, name)
             require(lo <= hi, f"{key}.{name}", "a [low, high] pair with low <= high")
@@ -114,14 +121,21 @@ def make_cameras(elevation, azimuth, distance, fov_deg, target: torch.Tensor | N
     return Cameras(c2w, torch.deg2rad(fov_deg), elevation.clone(), wrapped, distance.clone())
 
 
-def sample_cameras(cfg: CameraConfig, batch: int, generator: torch.Generator | None = None) -> Cameras:
-    """Random training views; azimuth stratified over the batch so one batch sees all sides."""
-    u = lambda: torch.rand(batch, generator=generator)  # noqa: E731
-    lo_a, hi_a = cfg.azimuth
-    azimuth = lo_a + (torch.arange(batch) + u()) / batch * (hi_a - lo_a)
-    elevation = cfg.elevation[0] + u() * (cfg.elevation[1] - cfg.elevation[0])
-    distance = cfg.distance[0] + u() * (cfg.distance[1] - cfg.distance[0])
-    fov = cfg.fov[0] + u() * (cfg.fov[1] - cfg.fov[0])
+def sample_cameras(cfg: CameraConfig, batch: int, generator: torch.Generator | None = None,
+                   uniforms: torch.Tensor | None = None) -> Cameras:
+    """Random training views, each range sampled uniformly per view: by default azimuth stratified over
+    the batch so one batch sees all sides; given `uniforms` [batch, >= 4] (points of a sequence, in the
+    order azimuth, elevation, distance, fov) the views are those points mapped onto the ranges."""
+    if uniforms is None:
+        u = lambda: torch.rand(batch, generator=generator)  # noqa: E731
+        a = (torch.arange(batch) + u()) / batch
+        e, d, f = u(), u(), u()
+    else:
+        a, e, d, f = uniforms[:, :4].float().unbind(1)
+    azimuth = cfg.azimuth[0] + a * (cfg.azimuth[1] - cfg.azimuth[0])
+    elevation = cfg.elevation[0] + e * (cfg.elevation[1] - cfg.elevation[0])
+    distance = cfg.distance[0] + d * (cfg.distance[1] - cfg.distance[0])
+    fov = cfg.fov[0] + f * (cfg.fov[1] - cfg.fov[0])
     target = None
     if cfg.jitter > 0:
         target = torch.randn(batch, 3, generator=generator) * cfg.jitter

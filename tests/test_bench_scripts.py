@@ -61,20 +61,26 @@ def test_bench_engines_variance_per_cost_is_variance_times_seconds_over_sds():
             s.add(scale * torch.randn(400, generator=gen))
         return s
 
-    measures = {"sds": {10: {"samples": samples(1.0)}, 20: {"samples": samples(1.0)}},
-                "half": {10: {"samples": samples(2 ** -0.5)}, 20: {"samples": samples(2 ** -0.5)}}}
+    def measure(window_scale, single_scale):
+        return {"samples": samples(window_scale), "single": samples(single_scale), "window": 4}
+
+    measures = {"sds": {10: measure(1.0, 1.0), 20: measure(1.0, 1.0)},
+                "half": {10: measure(2 ** -0.5, 1.0), 20: measure(2 ** -0.5, 1.0)}}
     timing = {"sds": {"seconds": 1.0, "unet_rows": 4}, "half": {"seconds": 1.5, "unet_rows": 8}}
     cost = bench.per_cost(measures, timing, SimpleNamespace(seed=0))
     assert cost["sds"]["ratio"] == pytest.approx(1.0)
     half = cost["half"]  # half the variance at 1.5x the seconds: 0.75 per cost, 1.0 per UNet call
     assert half["variance_ratio"] == pytest.approx(0.5, rel=0.15) and half["ratio"] == pytest.approx(0.75, rel=0.15)
     assert half["interval"][0] < half["ratio"] < half["interval"][1] and half["per_unet_call"] == pytest.approx(1.0, rel=0.15)
+    assert half["single_step_variance_ratio"] == pytest.approx(1.0, rel=0.15)  # one step alone: no gain, reported apart
+    assert half["variance_by_step"]["10"] == pytest.approx(4 * 0.5, rel=0.2)  # L x the variance of an L-step mean
 
 
 def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     out = tmp_path / "engines.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",
-           "--draws", "3", "--adapt", "1", "--nested", "2", "2", "2", "--timing-steps", "1", "--configs", "sds,ssd,vsd,sds_antithetic",
+           "--draws", "3", "--window", "2", "--adapt", "1", "--nested", "2", "2", "2", "--timing-steps", "1",
+           "--configs", "sds,ssd,vsd,sds_antithetic,sds_sequence",
            "--convergence-prompts", "a red cube,a blue cone", "--out", str(out), "--png", str(tmp_path / "engines.png"),
            "train.batch_size=1", "render.samples=16", "mesh.grid_resolution=32"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=900)
@@ -83,7 +89,7 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
         assert math.isfinite(res[key]) and res[key] > 0, key
     assert 0 <= res["inner_fraction"] <= 1.5 and set(res["variance_components"]["2"]["sds"]) >= {"camera", "t", "eps", "total"}
     cost = res["variance_per_cost_vs_sds"]
-    assert set(cost) == {"sds", "ssd", "vsd", "sds_antithetic"} and cost["sds"]["ratio"] == pytest.approx(1.0)
+    assert set(cost) == {"sds", "ssd", "vsd", "sds_antithetic", "sds_sequence"} and cost["sds"]["ratio"] == pytest.approx(1.0)
     for c in cost.values():
         assert c["interval"][0] <= c["ratio"] <= c["interval"][1] and c["seconds_per_step"] > 0
     assert cost["sds_antithetic"]["unet_calls_ratio"] == pytest.approx(2.0)  # two draws per render: twice the UNet samples
@@ -131,22 +137,23 @@ def test_bench_engines_measures_each_state_fresh_and_as_training_renders_it(monk
             return []
 
     def make(engine, args, extra=(), prompt=None):
-        made.append(SimpleNamespace(engine=engine, field=FakeField(), step_index=0))
+        made.append(SimpleNamespace(engine=engine, field=FakeField(), step_index=0, ctx=SimpleNamespace(reshift=lambda: None)))
         return made[-1]
 
     monkeypatch.setattr(bench, "make_stage", make)
-    monkeypatch.setattr(bench, "draw_g", lambda stage, update: seen.append((stage.engine, stage.step_index, stage.field.state, update))
-                        or (None, torch.zeros(1)))
+    monkeypatch.setattr(bench, "draw_g", lambda stage, update, independent=True: seen.append(
+        (stage.engine, stage.step_index, stage.field.state, update)) or (None, torch.zeros(1)))
     monkeypatch.setattr(bench, "induced_theta_grad", lambda x, grad, params: [torch.randn(3)])
-    args = SimpleNamespace(adapt=2, draws=3)
+    args = SimpleNamespace(adapt=2, draws=3, window=2)
     for name in ("sds", "ssd"):
         for step in (100, 200):
             m = bench.step_measure(name, f"state-{step}", step, args)
-            assert m["samples"].count == 3
+            assert m["samples"].count == m["single"].count == 3 and m["stage"].step_index == step
     assert len(made) == 4 and len({id(s) for s in made}) == 4
     for e, adapt in (("sds", 0), ("ssd", 2)):
-        for step in (100, 200):
-            assert seen.count((e, step, f"state-{step}", True)) == adapt and seen.count((e, step, f"state-{step}", False)) == 3
+        for step in (100, 200):  # windows of 2 steps: the state's step and the next, as training would go on
+            assert seen.count((e, step, f"state-{step}", True)) == adapt
+            assert seen.count((e, step, f"state-{step}", False)) == seen.count((e, step + 1, f"state-{step}", False)) == 3
 
 
 def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from steindreamer.guidance.analytic import GaussianMixture, diffuse, sd_schedule
 from steindreamer.guidance.engines import control_variate, paper_term, sds
 from steindreamer.guidance.reducers import average_draws, draw_plan, repeat_draws, timesteps_from_uniforms, uniforms
+from steindreamer.sequence import VIEW_DIMS, points
 from steindreamer.guidance.variance import NestedMoments, StepSamples, bootstrap_ratio, group_moments, nested_components
 
 SD = sd_schedule()
@@ -48,13 +49,15 @@ def test_low_discrepancy_t_keeps_the_marginal_law(mode):
         assert sorted(torch.floor(u * 8).long().tolist()) == list(range(8))  # one point per stratum
         pooled = torch.cat([uniforms(8, mode, gen) for _ in range(4000)])
         first = torch.stack([uniforms(8, mode, gen)[0] for _ in range(4000)])  # the draw a given view gets
-    else:
-        u = uniforms(8, mode, gen, step=3, shift=0.25)
-        assert torch.equal(u, uniforms(8, mode, None, step=3, shift=0.25))  # a deterministic sequence ...
-        assert not torch.equal(u, uniforms(8, mode, None, step=4, shift=0.25))  # ... that moves on each step
-        shifts = torch.rand(4000, generator=gen, dtype=D64)
-        pooled = torch.cat([uniforms(8, mode, None, step=5, shift=float(s)) for s in shifts[:500]])
-        first = torch.stack([uniforms(8, mode, None, step=5, shift=float(s))[0] for s in shifts])
+    else:  # 2 draws for each of 4 views: each view's pair half a period apart, around its base point
+        base = torch.tensor([0.1, 0.6, 0.35, 0.9], dtype=D64)
+        u = uniforms(8, mode, gen, base)
+        assert torch.allclose(u, torch.cat([base, torch.frac(base + 0.5)]))
+        with pytest.raises(ValueError, match="base point"):
+            uniforms(7, mode, gen, base)
+        bases = torch.rand(4000, 4, generator=gen, dtype=D64)  # uniform bases (a randomly shifted sequence)
+        pooled = torch.cat([uniforms(8, mode, None, b) for b in bases[:500]])
+        first = torch.stack([uniforms(8, mode, None, b)[5] for b in bases])
     for sample in (pooled, first):  # uniform: mean 1/2, variance 1/12, within 4 SE
         n = len(sample)
         assert abs(float(sample.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / n)
@@ -68,8 +71,10 @@ def _sds_samples(target, x, plan, n, gen, views=1000):
     `views` copies of x, so stratification and the sequence run over each step's draws."""
     draws, antithetic, mode = plan
     out = []
+    shift = torch.rand(len(VIEW_DIMS), generator=gen, dtype=D64)
     for step in range(n // views):
-        t, eps = draw_plan((views, x.shape[1]), 20, 980, draws, antithetic, mode, gen, step, 0.37)
+        base = points(step * views, views, shift)[:, VIEW_DIMS.index("t")] if mode == "sequence" else None
+        t, eps = draw_plan((views, x.shape[1]), 20, 980, draws, antithetic, mode, gen, base)
         eps = eps.double()
         a, s = (v.view(-1, 1) for v in SD.alpha_sigma(t))
         g = sds(target.eps(diffuse(x, eps, a, s), a, s), eps, s.view(-1) ** 2)

@@ -81,7 +81,7 @@ class NoiseConfig:
 
     draws: int = 1  # K draws (t, eps) per rendered view, their gradients averaged before the backward pass
     antithetic: bool = False  # draws in pairs (eps, -eps) at one t (needs an even `draws`)
-    t_sampling: TSampling = "iid"  # iid | stratified: one t per stratum within a step | sequence: also across steps
+    t_sampling: TSampling = "iid"  # iid | stratified: one t per stratum within a step | sequence: the run's view sequence, across steps
 
     def check(self, key: str = "guidance.noise") -> None:
         require(self.draws >= 1, f"{key}.draws", ">= 1")

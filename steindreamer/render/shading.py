@@ -38,11 +38,18 @@ def shade(albedo: torch.Tensor, normals: torch.Tensor | None, light_dir: torch.T
     return lum.expand_as(albedo) if mode == "textureless" else albedo * lum
 
 
-def sample_mode(cfg: ShadingConfig, step: int, generator: torch.Generator | None = None) -> str:
-    u = torch.rand(2, generator=generator)
-    if step < cfg.albedo_steps or float(u[0]) >= cfg.lambertian_p:
+def sample_mode(cfg: ShadingConfig, step: int, generator: torch.Generator | None = None, uniform: float | None = None) -> str:
+    """One step's shading mode. `uniform` (a sequence's point for this step) replaces the generator's
+    two draws: below lambertian_p the step is shaded, and its rescaled position decides textureless."""
+    if uniform is None:
+        u = torch.rand(2, generator=generator)
+        shaded, textureless = float(u[0]) < cfg.lambertian_p, float(u[1]) < cfg.textureless_p
+    else:
+        shaded = uniform < cfg.lambertian_p
+        textureless = shaded and uniform / cfg.lambertian_p < cfg.textureless_p
+    if step < cfg.albedo_steps or not shaded:
         return "albedo"
-    return "textureless" if float(u[1]) < cfg.textureless_p else "lambertian"
+    return "textureless" if textureless else "lambertian"
 
 
 def sample_light(camera_positions: torch.Tensor, cfg: ShadingConfig, generator: torch.Generator | None = None) -> torch.Tensor:

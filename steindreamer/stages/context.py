@@ -10,6 +10,7 @@ import torch
 
 from ..cameras import VIEWS, view_prompt, view_suffixes
 from ..config import Config
+from ..sequence import VIEW_DIMS, points
 from ..field.nerf import Background
 from ..guidance.diffusion import DiffusionGuidance
 from ..guidance.distill import Distiller
@@ -32,9 +33,11 @@ class Context:
         # Module initialisers draw from torch's global RNG: they get a stream of their own, seeded
         # by the run, so building a run neither depends on nor changes the process' RNG state.
         self._init_rng = torch.Generator().manual_seed(cfg.train.seed).get_state()
-        # The random shift of t_sampling=sequence: uniform per seed, from a stream of its own so that
-        # the training stream is the same whatever the sampling.
-        self.t_shift = float(torch.rand(1, generator=torch.Generator().manual_seed(cfg.train.seed + 0x5EED), dtype=torch.float64))
+        # The random shift of the run's view sequence (camera.sampling / guidance.noise.t_sampling =
+        # sequence) and of its per-step shading draw: uniform per seed, from a stream of its own so
+        # that the training stream is the same whatever the sampling.
+        self.sequence_shift = torch.rand(len(VIEW_DIMS) + 1, generator=torch.Generator().manual_seed(cfg.train.seed + 0x5EED),
+                                         dtype=torch.float64)
         with self.seeded_init():
             self.background = Background(cfg.background).to(self.device)
             self.distiller = make_distiller(cfg.guidance, guidance)
@@ -62,17 +65,34 @@ class Context:
             return self.guidance.text_embeddings([self.prompt] * len(cameras))
         return self.guidance.text_embeddings([self.prompts[s] for s in view_suffixes(cameras, self.cfg.camera)])
 
+    def view_uniforms(self, step: int, views: int, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The uniforms [views, len(VIEW_DIMS)] of step `step`'s views: points step * views .. of the run's
+        view sequence (steindreamer/sequence.py)."""
+        shift = self.sequence_shift if shift is None else shift
+        return points(step * views, views, shift[:len(VIEW_DIMS)])
+
+    def step_uniform(self, step: int) -> float:
+        """Step `step`'s uniform for its one per-step draw (the shading mode): R_1, the golden ratio."""
+        return float(points(step, 1, self.sequence_shift[len(VIEW_DIMS):])[0, 0])
+
+    def reshift(self) -> None:
+        """A fresh random shift for the sequence, from the run's generator: meters draw independent
+        replicates of a run of steps this way (scripts/bench_engines.py)."""
+        self.sequence_shift = torch.rand(len(VIEW_DIMS) + 1, generator=self.generator, dtype=torch.float64)
+
     def draw_noise(self, x: torch.Tensor, t_min: float, t_max: float, step: int = 0,
                    independent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, noise) for the views x: guidance.noise.draws per view, draw-major, with the configured
-        reducers (guidance/reducers.py). `step` places the draws in the sequence (t_sampling=sequence);
-        `independent` gives that sequence a fresh random shift (meters: extra draws independent of the step's)."""
+        reducers (guidance/reducers.py). `step` places the views in the run's sequence (t_sampling=
+        sequence); `independent` takes their points from a fresh random shift instead (the training-
+        time meter's extra draws, independent of the step's)."""
         n = self.cfg.guidance.noise
         lo, hi = self.guidance.schedule.t_bounds(t_min, t_max)
-        shift = self.t_shift
-        if independent and n.t_sampling == "sequence":
-            shift = float(torch.rand(1, generator=self.generator, dtype=torch.float64))
-        t, noise = draw_plan(tuple(x.shape), lo, hi, n.draws, n.antithetic, n.t_sampling, self.generator, step, shift)
+        base = None
+        if n.t_sampling == "sequence":
+            shift = torch.rand(len(VIEW_DIMS), generator=self.generator, dtype=torch.float64) if independent else None
+            base = self.view_uniforms(step, x.shape[0], shift)[:, VIEW_DIMS.index("t")]
+        t, noise = draw_plan(tuple(x.shape), lo, hi, n.draws, n.antithetic, n.t_sampling, self.generator, base)
         return t.to(self.guidance.schedule.device), noise.to(x.device, torch.float32)
 
     def state_dict(self) -> dict:

@@ -59,8 +59,10 @@ class MeshStage(Stage):
     def render_train(self) -> tuple[dict, object]:
         """Random training views, shaded on the NeRF stage's schedule continued past its warm-up."""
         cfg, gen = self.cfg, self.ctx.generator
-        cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen).to(self.device)
-        mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + self.step_index, gen)
+        seq = cfg.camera.sampling == "sequence"
+        u = self.ctx.view_uniforms(self.step_index, cfg.train.batch_size) if seq else None
+        cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen, u).to(self.device)
+        mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + self.step_index, gen, self.ctx.step_uniform(self.step_index) if seq else None)
         light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
         return self._render(cams, cfg.mesh.resolution, cfg.mesh.resolution, mode, light), cams
 

@@ -37,8 +37,10 @@ class NeRFStage(Stage):
 
     def render_train(self) -> tuple[dict, object]:
         cfg, gen = self.cfg, self.ctx.generator
-        cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen).to(self.device)
-        mode = sample_mode(cfg.shading, self.step_index, gen)
+        seq = cfg.camera.sampling == "sequence"
+        u = self.ctx.view_uniforms(self.step_index, cfg.train.batch_size) if seq else None
+        cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen, u).to(self.device)
+        mode = sample_mode(cfg.shading, self.step_index, gen, self.ctx.step_uniform(self.step_index) if seq else None)
         light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
         bg_color = None
         if cfg.background.random_p > 0 and float(torch.rand(1, generator=gen)) < cfg.background.random_p:

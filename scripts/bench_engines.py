@@ -20,8 +20,9 @@ the built-in model, measured honestly (JSON + PNG out; docs/method.md, "Variance
     checkpoints, with a 90 % bootstrap interval (also per UNet call, and the one-step variance ratio
     from each window's first step). A configuration that spends more must beat simply taking more draws.
 (c) Convergence: SDS and the configuration with the lowest variance per cost train from the same
-    seed on several prompts; every `--eval-every` steps the NeRF's surface (the mesh stage's
-    extraction) is scored by volumetric IoU with the true shape (steindreamer.toy.shape3d).
+    seeds (`--convergence-seeds`, their checks averaged) on several prompts; every `--eval-every`
+    steps the NeRF's surface (the mesh stage's extraction) is scored by volumetric IoU with the true
+    shape (steindreamer.toy.shape3d).
     `steps_to_sds_quality` = the fraction of SDS's steps after which the configuration's two-check
     running IoU stays at or above SDS's final IoU (mean of its last two checks); null if never.
     The engines (and the biased ablation ssd_paper) also train on the main prompt for the plot.
@@ -45,7 +46,7 @@ from steindreamer.config import load_config  # noqa: E402
 from steindreamer.export.extract import extract_field_surface  # noqa: E402
 from steindreamer.guidance.diffusion import DiffusionGuidance  # noqa: E402
 from steindreamer.guidance.engines import injected_loss  # noqa: E402
-from steindreamer.guidance.variance import (NestedMoments, StepSamples, bootstrap_ratio, group_moments,  # noqa: E402
+from steindreamer.guidance.variance import (NestedMoments, StepSamples, bootstrap_ratio, bucket_ratios, group_moments,  # noqa: E402
                                             induced_theta_grad, nested_components)
 from steindreamer.stages import Context, NeRFStage  # noqa: E402
 from steindreamer.toy import shape3d  # noqa: E402
@@ -78,8 +79,8 @@ CONFIGS = {
     "vsd_kl": ("vsd", ["guidance.vsd.divergence=kl"]),  # f-distill's forward KL
     "vsd_js": ("vsd", ["guidance.vsd.divergence=js"]),  # ... and Jensen-Shannon
 }
-DEFAULT_CONFIGS = ("sds", "ssd", "vsd", "sds_antithetic", "sds_stratified", "sds_camera_sequence", "sds_t_sequence", "sds_sequence",
-                   "sds_sequence_antithetic", "ssd_sequence", "vsd_sequence")
+DEFAULT_CONFIGS = ("sds", "ssd", "vsd", "sds_antithetic", "sds_camera_sequence", "sds_t_sequence", "sds_sequence", "sds_sequence_antithetic",
+                   "ssd_sequence")
 # trained on the main prompt for the quality plot; ssd_paper is the project page's literal (biased) term
 QUALITY_RUNS = {"sds": ("sds", []), "ssd": ("ssd", []), "vsd": ("vsd", []), "ssd_paper": ("ssd", ["guidance.ssd.stein_form=paper"]),
                 "vsd_kl": CONFIGS["vsd_kl"], "vsd_js": CONFIGS["vsd_js"]}
@@ -88,8 +89,9 @@ CONVERGENCE_PROMPTS = ("a red cube", "a orange pyramid", "a blue cone")
 UNBIASED_ENGINES = ("sds", "ssd", "vsd")
 
 
-def make_stage(engine: str, args, extra=(), prompt: str | None = None) -> NeRFStage:
-    cfg = load_config(args.preset, None, [f"engine={engine}", f"seed={args.seed}", "train.variance_every=0", *args.override, *extra])
+def make_stage(engine: str, args, extra=(), prompt: str | None = None, seed: int | None = None) -> NeRFStage:
+    seed = args.seed if seed is None else seed
+    cfg = load_config(args.preset, None, [f"engine={engine}", f"seed={seed}", "train.variance_every=0", *args.override, *extra])
     guidance = DiffusionGuidance(cfg.guidance.model, torch.device("cpu"), True, cfg.guidance.cache_dir)
     return NeRFStage(Context(prompt or args.prompt, cfg, guidance))
 
@@ -203,32 +205,6 @@ def nested_measure(state: dict, step: int, args) -> dict:
             "inner": {n: moments[n].inner for n in names}}
 
 
-def bucket_ratios(nested: list[dict], t_range: tuple[int, int], buckets: int, seed: int) -> dict:
-    """Per t bucket and name: mean eps variance over SDS's at the same draws, bootstrap over (render, t) groups."""
-    lo, hi = t_range
-    gen = torch.Generator().manual_seed(seed)
-    edges = np.linspace(lo, hi + 1, buckets + 1)
-    out = {}
-    names = [n for n in nested[0]["inner"] if n != "sds"]
-    for b in range(buckets):
-        rows = [(i, c, k) for i, nd in enumerate(nested) for c, row in enumerate(nd["t"]) for k, t in enumerate(row)
-                if edges[b] <= t < edges[b + 1]]
-        key = f"{int(edges[b])}-{int(edges[b + 1]) - 1}"
-        if not rows:
-            out[key] = None
-            continue
-        val = {n: torch.tensor([nested[i]["inner"][n][c][k] for i, c, k in rows], dtype=torch.float64) for n in names + ["sds"]}
-        entry = {"groups": len(rows)}
-        for n in names:
-            boots = []
-            for _ in range(1000):
-                idx = torch.randint(len(rows), (len(rows),), generator=gen)
-                boots.append(float(val[n][idx].mean() / val["sds"][idx].mean()))
-            entry[n] = {"ratio": float(val[n].mean() / val["sds"].mean()), "interval": np.quantile(boots, [0.05, 0.95]).tolist()}
-        out[key] = entry
-    return out
-
-
 def per_cost(measures: dict, timing: dict, args) -> dict:
     """Each configuration's theta variance x cost over SDS's (mean over checkpoints), 90 % intervals."""
     out = {}
@@ -256,8 +232,8 @@ def nerf_iou(stage: NeRFStage, prompt: str) -> float:
     return float((occ & truth).sum() / max(1, (occ | truth).sum()))
 
 
-def train_series(engine: str, extra, prompt: str, args) -> dict:
-    stage = make_stage(engine, args, extra, prompt)
+def train_series(engine: str, extra, prompt: str, args, seed: int | None = None) -> dict:
+    stage = make_stage(engine, args, extra, prompt, seed)
     series, seconds = [], []
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
@@ -287,16 +263,30 @@ def steps_to_reach(series: list[dict], level: float) -> int | None:
     return None
 
 
+def mean_series(runs: list[dict]) -> list[dict]:
+    """The check-by-check mean quality of runs with the same checks (seeds of one configuration)."""
+    return [{"step": p["step"], "volumetric_iou": float(np.mean([quality(r["series"][i]) for r in runs]))}
+            for i, p in enumerate(runs[0]["series"])]
+
+
 def convergence(best: str, args, runs: dict) -> dict:
+    """SDS and `best` from the same seeds on each prompt; the fraction is read off the mean over seeds
+    (one seed's final IoU moves by up to 0.08 with the noise stream alone)."""
     engine, extra = CONFIGS[best]
-    out = {"config": best, "prompts": {}}
+    out = {"config": best, "seeds": args.convergence_seeds, "prompts": {}}
     for prompt in args.convergence_prompts:
-        sds = runs["sds"] if prompt == args.prompt and "sds" in runs else train_series("sds", [], prompt, args)
-        other = train_series(engine, extra, prompt, args)
-        level = final_quality(sds["series"])
-        reach = steps_to_reach(other["series"], level)
+        sds, other = [], []
+        for k in range(args.convergence_seeds):
+            seed = args.seed + k
+            reuse = prompt == args.prompt and k == 0 and "sds" in runs
+            sds.append(runs["sds"] if reuse else train_series("sds", [], prompt, args, seed))
+            other.append(train_series(engine, extra, prompt, args, seed))
+        sds_mean, other_mean = mean_series(sds), mean_series(other)
+        level = final_quality(sds_mean)
+        reach = steps_to_reach(other_mean, level)
         out["prompts"][prompt] = {"fraction": None if reach is None else reach / args.steps, "sds_final_iou": level,
-                                  "final_iou": final_quality(other["series"]), "sds": sds["series"], best: other["series"]}
+                                  "final_iou": final_quality(other_mean), "sds": sds_mean, best: other_mean,
+                                  "per_seed": {"sds": [r["series"] for r in sds], best: [r["series"] for r in other]}}
     fractions = [p["fraction"] for p in out["prompts"].values()]
     out["at_most_0.7"] = sum(f is not None and f <= 0.7 for f in fractions)
     return out
@@ -310,13 +300,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoints", type=int, default=3, help="points of the SDS run where variance is measured")
-    parser.add_argument("--draws", type=int, default=24, help="windows of steps per configuration and checkpoint")
+    parser.add_argument("--draws", type=int, default=64, help="windows of steps per configuration and checkpoint")
     parser.add_argument("--window", type=int, default=8, help="consecutive steps per window (~ Adam's momentum horizon)")
     parser.add_argument("--nested", type=int, nargs=3, default=[6, 4, 4], metavar=("C", "T", "E"))
     parser.add_argument("--adapt", type=int, default=20)
     parser.add_argument("--timing-steps", type=int, default=30)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--convergence-prompts", default=",".join(CONVERGENCE_PROMPTS))
+    parser.add_argument("--convergence-seeds", type=int, default=3, help="seeds per prompt and configuration, averaged")
     parser.add_argument("--quality-runs", default=",".join(DEFAULT_QUALITY_RUNS), help=f"of {', '.join(QUALITY_RUNS)}")
     parser.add_argument("--quick", action="store_true", help="CI-sized: 20 steps, 1 checkpoint, few draws")
     parser.add_argument("override", nargs="*", help="config overrides for every run, key=value")
@@ -325,6 +316,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.eval_every, args.checkpoints, args.draws, args.window, args.adapt, args.timing_steps = 20, 10, 1, 4, 2, 3, 2
+        args.convergence_seeds = 1
         args.nested = [2, 2, 2]
     args.convergence_prompts = [p for p in args.convergence_prompts.split(",") if p]
     names = [n for n in args.configs.split(",") if n]

@@ -81,7 +81,7 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",
            "--draws", "3", "--window", "2", "--adapt", "1", "--nested", "2", "2", "2", "--timing-steps", "1",
            "--configs", "sds,ssd,vsd,sds_antithetic,sds_sequence",
-           "--convergence-prompts", "a red cube,a blue cone", "--out", str(out), "--png", str(tmp_path / "engines.png"),
+           "--convergence-prompts", "a red cube,a blue cone", "--convergence-seeds", "2", "--out", str(out), "--png", str(tmp_path / "engines.png"),
            "train.batch_size=1", "render.samples=16", "mesh.grid_resolution=32"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=900)
     res = json.loads(out.read_text())
@@ -96,6 +96,9 @@ def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     best = res["best_config"]
     assert best == min((n for n in cost if n != "sds"), key=lambda n: cost[n]["ratio"]) == res["steps_to_sds_quality"]["config"]
     assert set(res["steps_to_sds_quality"]["fraction"]) == {"a red cube", "a blue cone"}
+    cone = res["convergence"]["prompts"]["a blue cone"]  # two seeds each, the fraction read off their mean
+    assert len(cone["per_seed"]["sds"]) == len(cone["per_seed"][best]) == 2 and cone["per_seed"]["sds"][0] != cone["per_seed"]["sds"][1]
+    assert cone["sds"][-1]["volumetric_iou"] == pytest.approx(np.mean([r[-1]["volumetric_iou"] for r in cone["per_seed"]["sds"]]))
     assert "steps_ratio_ssd_to_sds_quality" in res and set(res["quality"]) == {"sds", "ssd", "vsd", "ssd_paper"}
     assert [p["step"] for p in res["quality"]["ssd"]] == [0, 2, 4] and all(0 <= p["volumetric_iou"] <= 1 for p in res["quality"]["ssd"])
     assert (tmp_path / "engines.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,8 +10,8 @@ import torch
 from steindreamer.guidance.analytic import GaussianMixture, diffuse, sd_schedule
 from steindreamer.guidance.engines import control_variate, paper_term, sds
 from steindreamer.guidance.reducers import average_draws, draw_plan, repeat_draws, timesteps_from_uniforms, uniforms
+from steindreamer.guidance.variance import NestedMoments, StepSamples, bootstrap_ratio, bucket_ratios, group_moments, nested_components
 from steindreamer.sequence import VIEW_DIMS, points
-from steindreamer.guidance.variance import NestedMoments, StepSamples, bootstrap_ratio, group_moments, nested_components
 
 SD = sd_schedule()
 D64 = torch.float64
@@ -195,3 +195,14 @@ def test_noise_settings_are_checked_in_one_line(capsys):
     assert main(["generate", "a red cube", "--preset", "toy", "guidance.noise.draws=3", "guidance.noise.antithetic=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "guidance.noise.draws" in err[0] and "even" in err[0]
+
+
+def test_bucket_ratios_compare_each_t_bucket_with_sds_at_the_same_draws():
+    nested = [{"t": [[100, 600, 700]], "inner": {"sds": [[1.0, 2.0, 4.0]], "pair": [[0.5, 0.2, 0.4]]}},
+              {"t": [[150, 650, 300]], "inner": {"sds": [[3.0, 2.0, 1.0]], "pair": [[1.5, 0.2, 0.5]]}}]
+    out = bucket_ratios(nested, (0, 999), 2, seed=0)
+    assert out["0-499"]["groups"] == 3 and out["0-499"]["pair"]["ratio"] == pytest.approx(2.5 / 5.0)
+    assert out["500-999"]["groups"] == 3 and out["500-999"]["pair"]["ratio"] == pytest.approx(0.8 / 8.0)
+    lo, hi = out["500-999"]["pair"]["interval"]
+    assert lo <= 0.1 <= hi
+    assert bucket_ratios(nested, (0, 1999), 4, seed=0)["1500-1999"] is None  # no draw there

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from ..cameras import make_cameras
+from ..sequence import points
 
 RING_ELEVATIONS = (-50.0, -15.0, 20.0, 55.0)  # degrees; two rings look from below
 AZIMUTHS_PER_RING = 6
 DISTANCE_FACTOR = 3.0  # camera distance / bound
 FOV_MARGIN = 1.05  # the bound sphere fills the view but for this factor (~1 pixel at 40 pixels)
-R2 = (0.7548776662466927, 0.5698402909980532)  # the R2 sequence's steps (1/phi_2, 1/phi_2^2)
 
 
 def silhouette_rays(bound: float, size: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def silhouette_rays(bound: float, size: int = 40) -> tuple[torch.Tensor, torch.T
     cams = make_cameras(elevation, azimuth, [distance] * n, [fov] * n)
     # Sub-pixel shift per view: look at a point that far off the origin in the image plane.
     pixel = 2.0 * distance * math.tan(math.radians(fov) / 2) / size
-    shift = torch.tensor([[(k * R2[0]) % 1.0 - 0.5, (k * R2[1]) % 1.0 - 0.5] for k in range(1, n + 1)]) * pixel
+    shift = (points(1, n, torch.zeros(2, dtype=torch.float64)) - 0.5).float() * pixel  # R2, evenly spread offsets
     target = shift[:, :1] * cams.c2w[:, :3, 0] + shift[:, 1:] * cams.c2w[:, :3, 1]
     origins, dirs = make_cameras(elevation, azimuth, [distance] * n, [fov] * n, target).rays(size, size)
     origins, dirs = origins.reshape(-1, 3).double(), dirs.reshape(-1, 3).double()

@@ -154,3 +154,31 @@ def bootstrap_ratio(pairs: Sequence[tuple[StepSamples, StepSamples]], n_boot: in
                          dtype=torch.float64)
     lo, hi = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return {"ratio": float(np.mean([a.variance() / b.variance() for a, b in pairs])), "interval": [lo, hi], "level": level}
+
+
+def bucket_ratios(nested: list[dict], t_range: tuple[int, int], buckets: int, seed: int) -> dict:
+    """Per t bucket and name: mean eps variance over SDS's at the same draws, with a 90 % bootstrap
+    interval over (render, t) groups. `nested`: per checkpoint {"t": [C][T] timesteps, "inner": {name:
+    [C][T] eps variances}}, "sds" among the names; an empty bucket is None."""
+    lo, hi = t_range
+    gen = torch.Generator().manual_seed(seed)
+    edges = np.linspace(lo, hi + 1, buckets + 1)
+    out = {}
+    names = [n for n in nested[0]["inner"] if n != "sds"]
+    for b in range(buckets):
+        rows = [(i, c, k) for i, nd in enumerate(nested) for c, row in enumerate(nd["t"]) for k, t in enumerate(row)
+                if edges[b] <= t < edges[b + 1]]
+        key = f"{int(edges[b])}-{int(edges[b + 1]) - 1}"
+        if not rows:
+            out[key] = None
+            continue
+        val = {n: torch.tensor([nested[i]["inner"][n][c][k] for i, c, k in rows], dtype=torch.float64) for n in names + ["sds"]}
+        entry = {"groups": len(rows)}
+        for n in names:
+            boots = []
+            for _ in range(1000):
+                idx = torch.randint(len(rows), (len(rows),), generator=gen)
+                boots.append(float(val[n][idx].mean() / val["sds"][idx].mean()))
+            entry[n] = {"ratio": float(val[n].mean() / val["sds"].mean()), "interval": np.quantile(boots, [0.05, 0.95]).tolist()}
+        out[key] = entry
+    return out

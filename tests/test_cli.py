@@ -37,10 +37,11 @@ def test_generate_writes_checkpoint_renders_metrics_and_resumes(tiny_latent_mode
     assert torch.load(out / "checkpoints" / "step_0000006.pt", weights_only=True)["step"] == 6
 
 
-def test_resume_equals_uninterrupted_run(tiny_pixel_model, tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["camera.sampling=sequence", "guidance.noise.t_sampling=sequence"]], ids=["iid", "sequence"])
+def test_resume_equals_uninterrupted_run(tiny_pixel_model, tmp_path, sampling):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _run(tiny_pixel_model, a, "steps=4") == 0
-    assert _run(tiny_pixel_model, b, "steps=2") == 0
+    assert _run(tiny_pixel_model, a, "steps=4", *sampling) == 0
+    assert _run(tiny_pixel_model, b, "steps=2", *sampling) == 0
     assert main(["generate", "a red cube", "--out", str(b), "--resume", "steps=4", "--quiet"]) == 0
     sa = torch.load(a / "checkpoints" / "step_0000004.pt", weights_only=True)["field"]
     sb = torch.load(b / "checkpoints" / "step_0000004.pt", weights_only=True)["field"]

@@ -79,7 +79,7 @@ def test_the_choice_fields_are_literals():
     keys = {k for k, _, _ in LITERALS}
     assert keys == {"field.grid.backend", "background.kind", "render.backend", "render.normals", "shading.light",
                     "guidance.engine", "guidance.weighting", "guidance.ssd.baseline", "guidance.ssd.mu_shape", "guidance.ssd.stein_form",
-                    "guidance.noise.t_sampling", "guidance.vsd.divergence",
+                    "guidance.noise.t_sampling", "guidance.vsd.divergence", "camera.sampling",
                     "mesh.threshold_rule", "export.formats"}
 
 

@@ -10,12 +10,12 @@ import torch
 
 from ..cameras import VIEWS, view_prompt, view_suffixes
 from ..config import Config
-from ..sequence import VIEW_DIMS, points
 from ..field.nerf import Background
 from ..guidance.diffusion import DiffusionGuidance
 from ..guidance.distill import Distiller
 from ..guidance.reducers import draw_plan
 from ..guidance.teacher_pool import teacher_pool
+from ..sequence import VIEW_DIMS, points
 
 
 class Context:

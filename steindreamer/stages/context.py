@@ -8,13 +8,14 @@ from typing import Callable
 
 import torch
 
-from ..cameras import VIEWS, view_prompt, view_suffixes
+from ..cameras import VIEWS, Cameras, sample_cameras, view_prompt, view_suffixes
 from ..config import Config
 from ..field.nerf import Background
 from ..guidance.diffusion import DiffusionGuidance
 from ..guidance.distill import Distiller
 from ..guidance.reducers import draw_plan
 from ..guidance.teacher_pool import teacher_pool
+from ..render.shading import sample_mode
 from ..sequence import VIEW_DIMS, points
 
 
@@ -79,6 +80,15 @@ class Context:
         """A fresh random shift for the sequence, from the run's generator: meters draw independent
         replicates of a run of steps this way (scripts/bench_engines.py)."""
         self.sequence_shift = torch.rand(len(VIEW_DIMS) + 1, generator=self.generator, dtype=torch.float64)
+
+    def sample_views(self, step: int, shading_step: int) -> tuple[Cameras, str]:
+        """Step `step`'s training cameras (train.batch_size views, on the device) and shading mode, drawn
+        as camera.sampling says: from the generator, or from the run's view sequence."""
+        cfg, views = self.cfg, self.cfg.train.batch_size
+        seq = cfg.camera.sampling == "sequence"
+        cams = sample_cameras(cfg.camera, views, self.generator, self.view_uniforms(step, views) if seq else None)
+        mode = sample_mode(cfg.shading, shading_step, self.generator, self.step_uniform(step) if seq else None)
+        return cams.to(self.device), mode
 
     def draw_noise(self, x: torch.Tensor, t_min: float, t_max: float, step: int = 0,
                    independent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

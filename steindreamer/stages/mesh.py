@@ -9,11 +9,11 @@ import copy
 import numpy as np
 import torch
 
-from ..cameras import orbit_cameras, sample_cameras
+from ..cameras import orbit_cameras
 from ..export.extract import extract_field_surface
 from ..field.mesh import MeshField
 from ..field.nerf import AlbedoField, NeRFField
-from ..render.shading import sample_light, sample_mode
+from ..render.shading import sample_light
 from ..render.volume import to_uint8
 from .context import Context
 from .stage import Cadence, Stage, image_grid
@@ -59,10 +59,7 @@ class MeshStage(Stage):
     def render_train(self) -> tuple[dict, object]:
         """Random training views, shaded on the NeRF stage's schedule continued past its warm-up."""
         cfg, gen = self.cfg, self.ctx.generator
-        seq = cfg.camera.sampling == "sequence"
-        u = self.ctx.view_uniforms(self.step_index, cfg.train.batch_size) if seq else None
-        cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen, u).to(self.device)
-        mode = sample_mode(cfg.shading, cfg.shading.albedo_steps + self.step_index, gen, self.ctx.step_uniform(self.step_index) if seq else None)
+        cams, mode = self.ctx.sample_views(self.step_index, cfg.shading.albedo_steps + self.step_index)
         light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
         return self._render(cams, cfg.mesh.resolution, cfg.mesh.resolution, mode, light), cams
 

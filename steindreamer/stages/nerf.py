@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..cameras import orbit_cameras, sample_cameras
+from ..cameras import orbit_cameras
 from ..field.nerf import NeRFField
-from ..render.shading import sample_light, sample_mode
+from ..render.shading import sample_light
 from ..render.volume import render_frame, render_views
 from .context import Context
 from .stage import Cadence, Stage, image_grid
@@ -37,10 +37,7 @@ class NeRFStage(Stage):
 
     def render_train(self) -> tuple[dict, object]:
         cfg, gen = self.cfg, self.ctx.generator
-        seq = cfg.camera.sampling == "sequence"
-        u = self.ctx.view_uniforms(self.step_index, cfg.train.batch_size) if seq else None
-        cams = sample_cameras(cfg.camera, cfg.train.batch_size, gen, u).to(self.device)
-        mode = sample_mode(cfg.shading, self.step_index, gen, self.ctx.step_uniform(self.step_index) if seq else None)
+        cams, mode = self.ctx.sample_views(self.step_index, self.step_index)
         light = sample_light(cams.position, cfg.shading, gen) if mode != "albedo" else None
         bg_color = None
         if cfg.background.random_p > 0 and float(torch.rand(1, generator=gen)) < cfg.background.random_p:

@@ -26,6 +26,8 @@ the built-in model, measured honestly (JSON + PNG out; docs/method.md, "Variance
     `steps_to_sds_quality` = the fraction of SDS's steps after which the configuration's two-check
     running IoU stays at or above SDS's final IoU (mean of its last two checks); null if never.
     The engines (and the biased ablation ssd_paper) also train on the main prompt for the plot.
+Every configuration starts from plain sampling (iid cameras and t, one draw), whatever the preset
+turns on, so "sds" is plain SDS and each reducer is in the configuration's name.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ STRAT = ["guidance.noise.t_sampling=stratified"]
 CAM_SEQ = ["camera.sampling=sequence"]
 T_SEQ = ["guidance.noise.t_sampling=sequence"]
 SEQ = CAM_SEQ + T_SEQ  # cameras, shading and t from the run's low-discrepancy view sequence
+# Every configuration starts from plain sampling (iid cameras and t), whatever the preset turns on:
+# "sds" is plain SDS, the reference of every ratio, and each reducer is named where it is used.
+PLAIN = ["camera.sampling=iid", "guidance.noise.t_sampling=iid", "guidance.noise.draws=1", "guidance.noise.antithetic=false"]
 # name -> (engine, overrides): the estimator configurations compared per step and per cost
 CONFIGS = {
     "sds": ("sds", []),
@@ -91,7 +96,7 @@ UNBIASED_ENGINES = ("sds", "ssd", "vsd")
 
 def make_stage(engine: str, args, extra=(), prompt: str | None = None, seed: int | None = None) -> NeRFStage:
     seed = args.seed if seed is None else seed
-    cfg = load_config(args.preset, None, [f"engine={engine}", f"seed={seed}", "train.variance_every=0", *args.override, *extra])
+    cfg = load_config(args.preset, None, [f"engine={engine}", f"seed={seed}", "train.variance_every=0", *PLAIN, *args.override, *extra])
     guidance = DiffusionGuidance(cfg.guidance.model, torch.device("cpu"), True, cfg.guidance.cache_dir)
     return NeRFStage(Context(prompt or args.prompt, cfg, guidance))
 

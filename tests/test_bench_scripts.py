@@ -76,6 +76,47 @@ def test_bench_engines_variance_per_cost_is_variance_times_seconds_over_sds():
     assert half["variance_by_step"]["10"] == pytest.approx(4 * 0.5, rel=0.2)  # L x the variance of an L-step mean
 
 
+def test_bench_convergence_reads_fractions_off_seed_means_and_refuses_a_reuse_that_does_not_reproduce(tmp_path, monkeypatch):
+    bench = _load("bench_convergence")
+    calls = []
+
+    def fake_series(engine, extra, prompt, args, seed):
+        calls.append((tuple(extra), seed))
+        fast = "x=1" in extra  # reaches 0.8 by half the steps; SDS only at the end
+        steps = range(0, args.steps + 1, args.eval_every)
+        iou = [min(0.8, 0.8 * s / (args.steps / 2)) if fast else 0.8 * s / args.steps for s in steps]
+        iou = [q + 0.01 * seed for q in iou]  # seeds differ; their mean is what counts
+        return {"series": [{"step": s, "volumetric_iou": q} for s, q in zip(steps, iou)], "step_seconds": 0.1}
+
+    monkeypatch.setattr(bench, "train_series", fake_series)
+    out = tmp_path / "conv.json"
+    argv = ["bench_convergence.py", "--config", "fast=sds:x=1", "--prompts", "p", "--seeds", "2", "--steps", "100",
+            "--eval-every", "10", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 0
+    res = json.loads(out.read_text())["prompts"]["p"]
+    # SDS final = mean of its last two checks, 0.76 (+0.005 for the seeds' mean); `fast`'s two-check
+    # running mean first holds above that at step 60.
+    assert res["sds_final_iou"] == pytest.approx(0.765)
+    assert res["by_config"]["fast"]["fraction"] == 0.6 and res["by_config"]["sds"]["fraction"] == 1.0
+    assert sorted(calls) == [((), 0), ((), 1), (("x=1",), 0), (("x=1",), 1)]
+
+    # --reuse takes SDS's seeds from a bench_engines JSON after one of them reproduces ...
+    per_seed = [fake_series("sds", [], "p", SimpleNamespace(steps=100, eval_every=10), k)["series"] for k in range(2)]
+    reuse = tmp_path / "engines.json"
+    reuse.write_text(json.dumps({"convergence": {"prompts": {"p": {"per_seed": {"sds": per_seed}}}}}))
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", argv + ["--reuse", str(reuse)])
+    assert bench.main() == 0
+    assert sorted(calls) == [((), 0), (("x=1",), 0), (("x=1",), 1)]  # SDS run once, to verify
+    assert json.loads(out.read_text())["prompts"]["p"]["by_config"]["fast"]["fraction"] == 0.6
+    # ... and refuses one that does not
+    per_seed[0][3]["volumetric_iou"] += 0.01
+    reuse.write_text(json.dumps({"convergence": {"prompts": {"p": {"per_seed": {"sds": per_seed}}}}}))
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        bench.main()
+
+
 def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     out = tmp_path / "engines.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",
@@ -157,6 +198,28 @@ def test_bench_engines_measures_each_state_fresh_and_as_training_renders_it(monk
         for step in (100, 200):  # windows of 2 steps: the state's step and the next, as training would go on
             assert seen.count((e, step, f"state-{step}", True)) == adapt
             assert seen.count((e, step, f"state-{step}", False)) == seen.count((e, step + 1, f"state-{step}", False)) == 3
+
+
+def test_bench_engines_configurations_start_from_plain_sampling_whatever_the_preset(monkeypatch):
+    """"sds" is plain SDS, the reference of every ratio, even where the preset samples from the view
+    sequence; a configuration turns each reducer on by name."""
+    from steindreamer.config import load_config
+
+    bench = _load("bench_engines")
+    built = []
+    monkeypatch.setattr(bench, "DiffusionGuidance", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "Context", lambda prompt, cfg, guidance: built.append(cfg))
+    monkeypatch.setattr(bench, "NeRFStage", lambda ctx: None)
+    args = SimpleNamespace(preset="toy", override=[], seed=0, prompt="a red cube")
+    for name in ("sds", "sds_sequence", "sds_sequence_antithetic"):
+        engine, extra = bench.CONFIGS[name]
+        bench.make_stage(engine, args, extra)
+    preset = load_config("toy")
+    assert (preset.camera.sampling, preset.guidance.noise.t_sampling) == ("sequence", "sequence")
+    sds, seq, pair = built
+    assert (sds.camera.sampling, sds.guidance.noise.t_sampling, sds.guidance.noise.draws) == ("iid", "iid", 1)
+    assert (seq.camera.sampling, seq.guidance.noise.t_sampling, seq.guidance.noise.antithetic) == ("sequence", "sequence", False)
+    assert pair.guidance.noise.antithetic and pair.guidance.noise.draws == 2 and pair.camera.sampling == "sequence"
 
 
 def test_bench_quality_quick_checks_the_exported_glbs(tmp_path):

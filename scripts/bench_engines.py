@@ -90,7 +90,9 @@ DEFAULT_CONFIGS = ("sds", "ssd", "vsd", "sds_antithetic", "sds_camera_sequence",
 QUALITY_RUNS = {"sds": ("sds", []), "ssd": ("ssd", []), "vsd": ("vsd", []), "ssd_paper": ("ssd", ["guidance.ssd.stein_form=paper"]),
                 "vsd_kl": CONFIGS["vsd_kl"], "vsd_js": CONFIGS["vsd_js"]}
 DEFAULT_QUALITY_RUNS = ("sds", "ssd", "vsd", "ssd_paper")
-CONVERGENCE_PROMPTS = ("a red cube", "a orange pyramid", "a blue cone")
+# bench_quality's quick six: the prior's fixed point lies ahead of SDS's end (cube, cylinder, torus),
+# level with it (pyramid, cone) or behind it (sphere: the starting blob is one), docs/method.md
+CONVERGENCE_PROMPTS = ("a red cube", "a orange pyramid", "a green sphere", "a blue cone", "a yellow torus", "a purple cylinder")
 UNBIASED_ENGINES = ("sds", "ssd", "vsd")
 
 

@@ -9,7 +9,7 @@ configurations against SDS on the built-in world (JSON out), the question behind
 Each configuration trains from the same seeds as SDS on each prompt, its NeRF surface scored by
 volumetric IoU with the true shape every `--eval-every` steps (bench_engines.train_series); the
 fraction is the share of SDS's steps after which its seed-mean IoU stays at or above SDS's final
-(bench_engines.steps_to_reach). A brute-force configuration such as `train.batch_size=8` (4x the
+(bench_engines.steps_fraction). A brute-force configuration such as `train.batch_size=8` (4x the
 views, 4x the cost: exactly 1/4 of SDS's per-step variance) bounds what any exact variance reducer
 of that strength can buy in steps. `--reuse` takes SDS's and the best configuration's per-seed series
 from a bench_engines JSON instead of training them again, after re-running one of them
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_engines import CONFIGS, final_quality, mean_series, steps_to_reach, train_series  # noqa: E402
+from bench_engines import CONFIGS, CONVERGENCE_PROMPTS, final_quality, mean_series, steps_fraction, train_series  # noqa: E402
 
 
 def parse_config(text: str) -> tuple[str, str, list[str]]:
@@ -59,7 +59,7 @@ def reused_series(path: Path, prompts: list[str], seeds: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", default=[], help="name=engine:key=value,... or a bench_engines CONFIGS name")
-    ap.add_argument("--prompts", default="a red cube,a orange pyramid,a blue cone")
+    ap.add_argument("--prompts", default=",".join(CONVERGENCE_PROMPTS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=600)
@@ -79,6 +79,8 @@ def main() -> int:
         series = reused_series(Path(args.reuse), prompts, args.seeds)
         if args.verify:
             engine, extra = CONFIGS[args.verify]
+            if prompts[0] not in series.get(args.verify, {}):
+                raise SystemExit(f"{args.reuse} has no {args.verify} series for {prompts[0]!r} to verify")
             again = train_series(engine, extra, prompts[0], args, args.seed)["series"]
             old = series[args.verify][prompts[0]][0]
             verified = max(abs(a["volumetric_iou"] - b["volumetric_iou"]) for a, b in zip(again, old))
@@ -107,11 +109,10 @@ def main() -> int:
             if prompt not in series[name]:
                 continue
             mean = mean_series([{"series": s} for s in series[name][prompt]])
-            reach = steps_to_reach(mean, level)
-            block["by_config"][name] = {"fraction": None if reach is None else reach / args.steps, "final_iou": final_quality(mean),
-                                        "mean": mean, "per_seed_final": [final_quality(s) for s in series[name][prompt]],
-                                        "final_iou_seed_sd": float(np.std([final_quality(s) for s in series[name][prompt]], ddof=1))
-                                        if len(series[name][prompt]) > 1 else None}
+            finals = [final_quality(s) for s in series[name][prompt]]
+            block["by_config"][name] = {"fraction": steps_fraction(mean, level, args.steps), "final_iou": final_quality(mean),
+                                        "mean": mean, "per_seed_final": finals,
+                                        "final_iou_seed_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else None}
         result["prompts"][prompt] = block
     result["seconds"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)

@@ -270,6 +270,12 @@ def steps_to_reach(series: list[dict], level: float) -> int | None:
     return None
 
 
+def steps_fraction(series: list[dict], level: float, steps: int) -> float | None:
+    """steps_to_reach as a fraction of the run's `steps` (None: never)."""
+    reach = steps_to_reach(series, level)
+    return None if reach is None else reach / steps
+
+
 def mean_series(runs: list[dict]) -> list[dict]:
     """The check-by-check mean quality of runs with the same checks (seeds of one configuration)."""
     return [{"step": p["step"], "volumetric_iou": float(np.mean([quality(r["series"][i]) for r in runs]))}
@@ -290,8 +296,7 @@ def convergence(best: str, args, runs: dict) -> dict:
             other.append(train_series(engine, extra, prompt, args, seed))
         sds_mean, other_mean = mean_series(sds), mean_series(other)
         level = final_quality(sds_mean)
-        reach = steps_to_reach(other_mean, level)
-        out["prompts"][prompt] = {"fraction": None if reach is None else reach / args.steps, "sds_final_iou": level,
+        out["prompts"][prompt] = {"fraction": steps_fraction(other_mean, level, args.steps), "sds_final_iou": level,
                                   "final_iou": final_quality(other_mean), "sds": sds_mean, best: other_mean,
                                   "per_seed": {"sds": [r["series"] for r in sds], best: [r["series"] for r in other]}}
     fractions = [p["fraction"] for p in out["prompts"].values()]
@@ -383,8 +388,7 @@ def main() -> int:
             result[f"variance_ratio_{a}_{b}"] = cost[a]["variance_ratio"] / cost[b]["variance_ratio"]
             result[f"step_time_ratio_{a}_{b}"] = cost[a]["seconds_per_step"] / cost[b]["seconds_per_step"]
     if "ssd" in runs:
-        reach = steps_to_reach(runs["ssd"]["series"], final_quality(runs["sds"]["series"]))
-        result["steps_ratio_ssd_to_sds_quality"] = None if reach is None else reach / args.steps
+        result["steps_ratio_ssd_to_sds_quality"] = steps_fraction(runs["ssd"]["series"], final_quality(runs["sds"]["series"]), args.steps)
     result["seconds"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)
     print(text)

@@ -14,6 +14,14 @@ views, 4x the cost: exactly 1/4 of SDS's per-step variance) bounds what any exac
 of that strength can buy in steps. `--reuse` takes SDS's and the best configuration's per-seed series
 from a bench_engines JSON instead of training them again, after re-running one of them
 (`--verify`) and checking that it reproduces.
+
+`--combine A.json B.json ... --config NAME` trains nothing: it gathers NAME's fraction on every prompt
+that those runs (bench_engines' convergence blocks, bench_convergence outputs) measured with the same
+steps and seeds into one table, the count at or under 0.7 among them:
+
+    python scripts/bench_convergence.py --config sds_sequence_antithetic --combine benchmarks/engines_cpu_builtin.json \
+        benchmarks/convergence_builtin_more_prompts.json benchmarks/convergence_builtin_next_diagonal.json \
+        --out benchmarks/convergence_builtin_summary.json
 """
 from __future__ import annotations
 
@@ -56,6 +64,37 @@ def reused_series(path: Path, prompts: list[str], seeds: int) -> dict:
     return out
 
 
+def combine(paths: list[str], name: str) -> dict:
+    """NAME's per-prompt convergence from earlier runs, refused where they differ in steps, seeds or
+    NAME's definition, or measure one prompt twice."""
+    rows, setting, sources = {}, None, []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "convergence" in data:  # bench_engines: one configuration, its CONFIGS entry when it ran
+            block = data["convergence"]
+            if block["config"] != name:
+                raise SystemExit(f"{path} converged {block['config']!r}, not {name!r}")
+            found = {p: (v["fraction"], v["sds_final_iou"], v["final_iou"]) for p, v in block["prompts"].items()}
+            here = (data["steps"], block["seeds"], list(CONFIGS[name]))
+        else:
+            if name not in data["configs"]:
+                raise SystemExit(f"{path} has no {name!r} runs")
+            found = {p: (v["by_config"][name]["fraction"], v["sds_final_iou"], v["by_config"][name]["final_iou"])
+                     for p, v in data["prompts"].items() if name in v["by_config"]}
+            here = (data["steps"], data["seeds"], list(data["configs"][name]))
+        if setting is not None and here != setting:
+            raise SystemExit(f"{path} ran {here}, the others {setting} (steps, seeds, configuration)")
+        setting = here
+        for prompt, (fraction, sds_final, final) in found.items():
+            if prompt in rows:
+                raise SystemExit(f"{prompt!r} is measured in both {rows[prompt]['source']} and {path}")
+            rows[prompt] = {"fraction": fraction, "sds_final_iou": sds_final, "final_iou": final, "source": str(path)}
+        sources.append(str(path))
+    fractions = [r["fraction"] for r in rows.values()]
+    return {"config": name, "configuration": setting[2], "steps": setting[0], "seeds": setting[1], "sources": sources,
+            "prompts": rows, "measured": len(rows), "at_most_0.7": sum(f is not None and f <= 0.7 for f in fractions)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", default=[], help="name=engine:key=value,... or a bench_engines CONFIGS name")
@@ -67,8 +106,20 @@ def main() -> int:
     ap.add_argument("--preset", default="toy")
     ap.add_argument("--reuse", default="", help="a bench_engines JSON whose per-seed convergence series to reuse")
     ap.add_argument("--verify", default="sds", help="re-run this reused configuration's first prompt and seed; must match")
+    ap.add_argument("--combine", nargs="+", default=[], help="gather --config's fractions from these JSONs; train nothing")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.combine:
+        if len(args.config) != 1:
+            ap.error("--combine needs exactly one --config")
+        from steindreamer.fsio import atomic_write
+
+        summary = combine(args.combine, args.config[0])
+        atomic_write(args.out, json.dumps(summary, indent=2))
+        for prompt, r in summary["prompts"].items():
+            print(f"{prompt}: {r['fraction']} (final IoU {r['final_iou']:.3f} vs SDS {r['sds_final_iou']:.3f})")
+        print(f"{summary['at_most_0.7']} of {summary['measured']} prompts at <= 0.7 of SDS's steps")
+        return 0
     args.override = []  # bench_engines.make_stage reads it
     prompts = [p for p in args.prompts.split(",") if p]
     configs = [parse_config(c) for c in args.config]

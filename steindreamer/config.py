@@ -46,6 +46,9 @@ class TrainConfig:
     lr_mlp: float = 1e-3  # ... and of the MLPs
     val_every: int = 500  # a validation grid (renders/) every N steps
     val_views: int = 4  # views in it
+    # loss.png / variance.png at a validation only when this many seconds passed since the last
+    # plot (always at a stage's end): a plot costs ~0.5-1 s on a CPU, ~5 % of a toy asset's time
+    plot_every_s: float = 30.0
     ckpt_every: int = 500  # a checkpoint every N steps
     keep_checkpoints: int = 3  # the newest N are kept
     lambda_opacity: float = 0.0  # sparsity: mean opacity
@@ -70,6 +73,7 @@ class TrainConfig:
             require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1")
         require(self.lr_grid > 0 and self.lr_mlp > 0, f"{key}.lr_grid/lr_mlp", "> 0")
         require(self.threads >= 0, f"{key}.threads", ">= 0")
+        require(self.plot_every_s >= 0, f"{key}.plot_every_s", ">= 0")
         require(self.nan_patience >= 1 and self.max_restores >= 0, f"{key}.nan_patience/max_restores", ">= 1 and >= 0")
         require(0 < self.restore_lr_factor <= 1, f"{key}.restore_lr_factor", "in (0, 1]")
         require(self.variance_every >= 0 and self.variance_draws >= 2, f"{key}.variance_every/variance_draws", ">= 0 and >= 2")

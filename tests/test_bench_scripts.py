@@ -117,6 +117,36 @@ def test_bench_convergence_reads_fractions_off_seed_means_and_refuses_a_reuse_th
         bench.main()
 
 
+def test_bench_convergence_combines_runs_of_one_setting_and_refuses_others(tmp_path, monkeypatch):
+    bench = _load("bench_convergence")
+    seq = list(bench.CONFIGS["sds_sequence_antithetic"])
+    engines = {"steps": 600, "convergence": {"config": "sds_sequence_antithetic", "seeds": 3, "prompts": {
+        "a red cube": {"fraction": 0.4, "sds_final_iou": 0.80, "final_iou": 0.84}}}}
+
+    def conv(prompts, steps=600, seeds=3, config=seq):
+        return {"steps": steps, "seeds": seeds, "configs": {"sds": ["sds", []], "sds_sequence_antithetic": config},
+                "prompts": {p: {"sds_final_iou": 0.7, "by_config": {"sds_sequence_antithetic": {"fraction": f, "final_iou": 0.75}}}
+                            for p, f in prompts.items()}}
+
+    paths = {}
+    for name, data in {"e": engines, "a": conv({"a blue cone": None, "a green cube": 0.7}), "b": conv({"a red cylinder": 0.9}),
+                       "steps": conv({"a blue cube": 0.5}, steps=500), "seeds": conv({"a blue cube": 0.5}, seeds=1),
+                       "other": conv({"a blue cube": 0.5}, config=["sds", []]), "again": conv({"a red cube": 0.5})}.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(data))
+    out = tmp_path / "summary.json"
+    argv = ["bench_convergence.py", "--config", "sds_sequence_antithetic", "--out", str(out), "--combine"]
+    monkeypatch.setattr(sys, "argv", argv + [str(paths[k]) for k in ("e", "a", "b")])
+    assert bench.main() == 0
+    summary = json.loads(out.read_text())
+    assert summary["measured"] == 4 and summary["at_most_0.7"] == 2  # 0.4 and 0.7; never and 0.9 are not
+    assert summary["prompts"]["a green cube"]["source"] == str(paths["a"]) and summary["steps"] == 600
+    for bad, why in (("steps", "ran"), ("seeds", "ran"), ("other", "ran"), ("again", "both")):
+        monkeypatch.setattr(sys, "argv", argv + [str(paths["e"]), str(paths[bad])])
+        with pytest.raises(SystemExit, match=why):
+            bench.main()
+
+
 def test_bench_engines_and_bench_step_write_their_numbers(tmp_path):
     out = tmp_path / "engines.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_engines.py"), "--steps", "4", "--eval-every", "2", "--checkpoints", "1",

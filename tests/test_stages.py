@@ -153,3 +153,17 @@ def test_building_a_run_turns_on_deterministic_algorithms(tiny_latent_model):
     assert not torch.are_deterministic_algorithms_enabled()
     build_stages("a red cube", _cfg(tiny_latent_model))
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@pytest.mark.parametrize("every_s, plots", [(1e9, 1), (0.0, 4)])
+def test_loss_plots_at_validations_only_as_often_as_plot_every_s_allows(tiny_latent_model, tmp_path, monkeypatch, every_s, plots):
+    """Validations every step of 4: with a long plot interval only the stage's end plots; with none,
+    every validation does (a plot costs ~5 % of a toy asset's time)."""
+    import steindreamer.stages.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "plot_run", lambda root: calls.append(root))
+    cfg = _cfg(tiny_latent_model, "steps=4", "train.val_every=1", f"train.plot_every_s={every_s}")
+    _, nerf = build_stages("a red cube", cfg)
+    run_stage(nerf, RunFolder(tmp_path), show_progress=False)
+    assert len(calls) == plots

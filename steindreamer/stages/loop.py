@@ -28,7 +28,7 @@ def run_stage(stage: Stage, run: RunFolder, offset: int = 0, callbacks: tuple = 
     guard = DivergenceGuard(stage, stage.cfg.train)
     last: dict = {}
     stopped = False
-    start = time.perf_counter()
+    start = last_plot = time.perf_counter()
     with StepProgress(cad.steps, stage.step_index, enabled=show_progress, label=name) as bar, run.metrics_log() as log:
         for line in stage.notes():
             bar.log(line)
@@ -50,8 +50,9 @@ def run_stage(stage: Stage, run: RunFolder, offset: int = 0, callbacks: tuple = 
             if validate:
                 suffix = "" if name == "nerf" else f"{name}_"
                 run.save_png(f"renders/val_{suffix}{stage.step_index:07d}.png", stage.validation_grid())
-            if validate or end:
+            if end or (validate and time.perf_counter() - last_plot >= stage.cfg.train.plot_every_s):
                 plot_run(run.root)
+                last_plot = time.perf_counter()
             for callback in callbacks:
                 try:
                     callback(stage, info)

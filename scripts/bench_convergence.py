@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_engines import CONFIGS, CONVERGENCE_PROMPTS, final_quality, mean_series, steps_fraction, train_series  # noqa: E402
 
+from steindreamer.fsio import atomic_write  # noqa: E402
+
 
 def parse_config(text: str) -> tuple[str, str, list[str]]:
     """'name=engine:key=value,key=value' (or a bench_engines CONFIGS name) -> (name, engine, overrides)."""
@@ -67,7 +69,7 @@ def reused_series(path: Path, prompts: list[str], seeds: int) -> dict:
 def combine(paths: list[str], name: str) -> dict:
     """NAME's per-prompt convergence from earlier runs, refused where they differ in steps, seeds or
     NAME's definition, or measure one prompt twice."""
-    rows, setting, sources = {}, None, []
+    rows, setting = {}, None
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "convergence" in data:  # bench_engines: one configuration, its CONFIGS entry when it ran
@@ -89,9 +91,8 @@ def combine(paths: list[str], name: str) -> dict:
             if prompt in rows:
                 raise SystemExit(f"{prompt!r} is measured in both {rows[prompt]['source']} and {path}")
             rows[prompt] = {"fraction": fraction, "sds_final_iou": sds_final, "final_iou": final, "source": str(path)}
-        sources.append(str(path))
     fractions = [r["fraction"] for r in rows.values()]
-    return {"config": name, "configuration": setting[2], "steps": setting[0], "seeds": setting[1], "sources": sources,
+    return {"config": name, "configuration": setting[2], "steps": setting[0], "seeds": setting[1], "sources": [str(p) for p in paths],
             "prompts": rows, "measured": len(rows), "at_most_0.7": sum(f is not None and f <= 0.7 for f in fractions)}
 
 
@@ -112,8 +113,6 @@ def main() -> int:
     if args.combine:
         if len(args.config) != 1:
             ap.error("--combine needs exactly one --config")
-        from steindreamer.fsio import atomic_write
-
         summary = combine(args.combine, args.config[0])
         atomic_write(args.out, json.dumps(summary, indent=2))
         for prompt, r in summary["prompts"].items():
@@ -167,8 +166,6 @@ def main() -> int:
         result["prompts"][prompt] = block
     result["seconds"] = time.perf_counter() - t0
     text = json.dumps(result, indent=2)
-    from steindreamer.fsio import atomic_write
-
     atomic_write(args.out, text)
     for prompt, block in result["prompts"].items():
         row = ", ".join(f"{n} {v['fraction']} ({v['final_iou']:.3f})" for n, v in block["by_config"].items())
